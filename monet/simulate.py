@@ -1,0 +1,123 @@
+"""The memory model: the exact peak of live storages over an executed step.
+
+One function, :func:`simulate`, computes the peak; the solver reports it for
+its schedules, the tests compare the lowered graphs against it, and
+``measure.py`` checks it against the device. Counting is by storage: a value
+keeps every storage it references alive (a view its base's), a storage is
+freed when the last value referencing it dies, and a value dies right after
+its last reader in the executed order. Inputs, tangents and outputs live for
+the whole step. The running op's workspace is added to the live bytes while
+it runs.
+
+This module imports no torch at module level, so the solver can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from monet.solver.problem import Problem
+from monet.solver.program import RELEASE, Program, Step, Value
+
+
+@dataclass(frozen=True)
+class Simulation:
+    peak: int
+    """Peak bytes of the whole step (inputs and parameters included)."""
+    peak_phase: str
+    peak_node: str
+    """Name of the node running at the peak (``release`` for a release step)."""
+    timeline: tuple[tuple[str, str, int], ...]
+    """(phase, node name, live bytes while it ran) for every executed step."""
+
+
+class _Memory:
+    def __init__(self, sizes: tuple[int, ...]):
+        self.sizes = sizes
+        self.refs: dict[tuple[int, int], int] = {}
+        self.values: dict[Value, tuple[tuple[int, int], ...]] = {}
+        self.live = 0
+
+    def add_value(self, value: Value, instances: tuple[tuple[int, int], ...]) -> None:
+        if value in self.values:
+            raise AssertionError(f"value {value} defined twice")
+        self.values[value] = instances
+        for instance in instances:
+            count = self.refs.get(instance, 0)
+            if count == 0:
+                self.live += self.sizes[instance[0]]
+            self.refs[instance] = count + 1
+
+    def drop_value(self, value: Value) -> None:
+        for instance in self.values.pop(value):
+            self.refs[instance] -= 1
+            if self.refs[instance] == 0:
+                del self.refs[instance]
+                self.live -= self.sizes[instance[0]]
+
+
+def simulate(problem: Problem, program: Program) -> Simulation:
+    """Peak live bytes of ``program`` executed on ``problem``'s storages."""
+    nodes, sizes = problem.nodes, problem.storage_bytes
+    memory = _Memory(sizes)
+    timeline: list[tuple[str, str, int]] = []
+    best = (-1, "", "")
+
+    def record(phase: str, name: str, workspace: int) -> None:
+        nonlocal best
+        level = memory.live + workspace
+        timeline.append((phase, name, level))
+        if level > best[0]:
+            best = (level, phase, name)
+
+    def instances_of(step: Step, copy: int) -> tuple[tuple[int, int], ...]:
+        node = nodes[step.node]
+        result = []
+        for s in node.storages:
+            if s in node.allocates:
+                result.append((s, copy))
+                continue
+            found = [i for v in step.reads for i in memory.values.get(v, ()) if i[0] == s]
+            if not found:
+                raise AssertionError(f"{node.name} aliases storage {s} that none of its inputs holds")
+            result.append(found[0])
+        return tuple(result)
+
+    def run(phase: str, steps: tuple[Step, ...], pinned: set[Value]) -> None:
+        last_read: dict[Value, int] = {}
+        for index, step in enumerate(steps):
+            for v in step.reads:
+                last_read[v] = index
+        for index, step in enumerate(steps):
+            for v in step.reads:
+                if v not in memory.values:
+                    name = "release" if step.node == RELEASE else nodes[step.node].name
+                    raise AssertionError(f"{phase} step {name} reads {v}, which is not live")
+            if step.node == RELEASE:
+                record(phase, "release", 0)
+            else:
+                copy = 1 if step.recompute else 0
+                value = (step.node, copy)
+                memory.add_value(value, instances_of(step, copy))
+                record(phase, nodes[step.node].name, nodes[step.node].workspace)
+                if value not in pinned and last_read.get(value, -1) <= index:
+                    memory.drop_value(value)
+            for v in set(step.reads):
+                if v not in pinned and last_read[v] == index and v in memory.values:
+                    memory.drop_value(v)
+
+    inputs = [(i, 0) for i, n in enumerate(nodes) if n.phase == "input"]
+    for i, _ in inputs:
+        memory.add_value((i, 0), tuple((s, 0) for s in nodes[i].allocates))
+    outputs = {(i, 0) for i, n in enumerate(nodes) if n.is_output}
+    forward_pinned = set(inputs) | outputs | {(i, 0) for i in program.saved}
+    run("forward", program.forward, forward_pinned)
+    leaked = set(memory.values) - forward_pinned
+    if leaked:
+        raise AssertionError(f"values live after the forward but not handed on: {sorted(leaked)}")
+    tangents = [(i, 0) for i, n in enumerate(nodes) if n.phase == "tangent"]
+    for i, _ in tangents:
+        memory.add_value((i, 0), tuple((s, 0) for s in nodes[i].allocates))
+    backward_pinned = set(inputs) | set(tangents) | outputs
+    run("backward", program.backward, backward_pinned)
+    return Simulation(best[0], best[1], best[2], tuple(timeline))

@@ -1,0 +1,301 @@
+"""The checkpointing program: which forward storages to keep, which ops to recompute, where.
+
+Time runs over one axis: the ``F`` forward steps, then two points per backward
+node ``j`` (``2j``: its recomputation slot, ``2j + 1``: the node itself). Every
+storage occupies an interval of that axis and the budget bounds their sum at
+every point, a single cumulative constraint (the retention-interval form of
+MOCCASIN, Bartan et al. 2023), so the program has O(n) variables:
+
+* ``keep[s]``   storage ``s`` stays from its last forward use to ``end[s]``;
+* ``redo[a]``   op ``a`` is recomputed at backward slot ``slot[a]``; its
+  outputs then live from ``2·slot[a]`` to ``end[s]``;
+* ``end[s]``    the last backward point at which ``s`` is live.
+
+Minimise Σ redo[a]·time[a] subject to: every storage a backward node reads is
+kept or recomputed no later than its first reader; a recomputation reads only
+kept or earlier-recomputed storages; random and side-effecting ops are never
+recomputed; the cumulative bytes stay within the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from monet.solver.problem import Problem
+from monet.solver.program import node_owner, pinned_storages, storage_owner
+
+TIME_SCALE = 1e6
+"""Objective in microseconds: CP-SAT needs integers."""
+
+
+@dataclass
+class Structure:
+    """What the formulation needs, derived once from a Problem (no solver objects)."""
+
+    forward: list[int]
+    backward: list[int]
+    points: int
+    fixed: list[int]
+    """Bytes at each point that no decision changes."""
+    decision_storages: list[int]
+    ops: list[int]
+    """Forward ops that allocate decision storages."""
+    outputs_of: dict[int, list[int]]
+    forward_death: dict[int, int]
+    """Decision storage → forward position after which it is freed unless kept."""
+    first_read: dict[int, int]
+    """Decision storage → first backward position that reads it (absent: none)."""
+    last_read: dict[int, int]
+    recompute_reads: dict[int, list[int]]
+    """Op → decision storages its recomputation reads."""
+    recomputable: set[int]
+    cost: dict[int, float]
+    """Op → seconds to recompute it (its owned views included)."""
+    workspace: dict[int, int] = field(default_factory=dict)
+
+
+def analyse(problem: Problem) -> Structure:
+    nodes, sizes = problem.nodes, problem.storage_bytes
+    pinned = pinned_storages(problem)
+    owner = storage_owner(problem)
+    owner_of = node_owner(problem, pinned, owner)
+    forward = [i for i, n in enumerate(nodes) if n.phase == "forward"]
+    backward = [i for i, n in enumerate(nodes) if n.phase == "backward"]
+    f_pos = {node: p for p, node in enumerate(forward)}
+    b_pos = {node: j for j, node in enumerate(backward)}
+    n_forward, n_backward = len(forward), len(backward)
+    points = n_forward + 2 * n_backward
+    fixed = [0] * points
+
+    def add(start: int, stop: int, amount: int) -> None:
+        for p in range(start, stop + 1):
+            fixed[p] += amount
+
+    # Readers, per phase.
+    forward_last: dict[int, int] = {}
+    backward_last: dict[int, int] = {}
+    for i in forward:
+        for k in nodes[i].inputs:
+            forward_last[k] = max(forward_last.get(k, -1), f_pos[i])
+    for i in backward:
+        for k in nodes[i].inputs:
+            backward_last[k] = max(backward_last.get(k, -1), b_pos[i])
+
+    decision = sorted(
+        s for i in forward for s in nodes[i].allocates if s not in pinned
+    )
+    decision_set = set(decision)
+    forward_death: dict[int, int] = {}
+    first_read: dict[int, int] = {}
+    last_read: dict[int, int] = {}
+    end_point = points - 1
+    for i, n in enumerate(nodes):
+        if n.phase in ("input",):
+            add(0, end_point, sum(sizes[s] for s in n.allocates))
+        elif n.phase == "tangent":
+            add(n_forward, end_point, sum(sizes[s] for s in n.allocates))
+    for i in forward:
+        n = nodes[i]
+        death = forward_last.get(i, f_pos[i])
+        for s in n.storages:
+            if s in decision_set:
+                forward_death[s] = max(forward_death.get(s, -1), death)
+        for s in n.allocates:
+            if s in pinned:
+                add(f_pos[i], end_point, sizes[s])
+        fixed[f_pos[i]] += n.workspace
+        for k in n.inputs:
+            pass
+    for s in decision:
+        add(f_pos[owner[s]], forward_death[s], sizes[s])
+    # Backward: storages allocated by backward nodes are fixed; reads of forward
+    # storages (directly or through backward views) set first/last reads.
+    storage_death: dict[int, int] = {}
+    for i in backward:
+        n = nodes[i]
+        j = b_pos[i]
+        death = n_backward - 1 if n.is_output else backward_last.get(i, j)
+        for s in n.storages:
+            if s in decision_set:
+                first_read[s] = min(first_read.get(s, j), j)
+                last_read[s] = max(last_read.get(s, -1), death)
+            elif s in n.allocates or s in storage_death:
+                storage_death[s] = max(storage_death.get(s, -1), death)
+        for k in n.inputs:
+            if nodes[k].phase == "forward":
+                for s in nodes[k].storages:
+                    if s in decision_set:
+                        first_read[s] = min(first_read.get(s, j), j)
+                        last_read[s] = max(last_read.get(s, -1), j)
+        fixed[n_forward + 2 * j + 1] += n.workspace
+    for s, death in storage_death.items():
+        born = b_pos[owner[s]]
+        stop = end_point if nodes[owner[s]].is_output else n_forward + 2 * death + 1
+        add(n_forward + 2 * born + 1, stop, sizes[s])
+
+    ops = sorted({owner[s] for s in decision})
+    outputs_of = {a: [s for s in nodes[a].allocates if s in decision_set] for a in ops}
+    recompute_reads: dict[int, list[int]] = {}
+    for a in ops:
+        reads = set()
+        for k in nodes[a].inputs:
+            if nodes[k].phase == "forward":
+                reads.update(s for s in nodes[k].storages if s in decision_set)
+        recompute_reads[a] = sorted(reads)
+    cost = {a: 0.0 for a in ops}
+    for i in forward:
+        if i in owner_of and owner_of[i] in cost:
+            cost[owner_of[i]] += nodes[i].time
+    recomputable = {a for a in ops if nodes[a].recomputable}
+    workspace = {a: nodes[a].workspace for a in ops}
+    return Structure(
+        forward, backward, points, fixed, decision, ops, outputs_of, forward_death,
+        first_read, last_read, recompute_reads, recomputable, cost, workspace,
+    )
+
+
+@dataclass(frozen=True)
+class Solution:
+    kept: tuple[int, ...]
+    recompute: tuple[tuple[int, int], ...]
+    status: str
+    objective: float
+    bound: float | None
+    capacity: int | None
+    """The capacity of the minimum-budget model; None for the time model."""
+    seconds: float
+
+
+def solve_cpsat(
+    problem: Problem,
+    budget: int | None,
+    time_limit: float = 10.0,
+    workers: int = 2,
+    hint: tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None = None,
+    log_callback=None,
+) -> Solution:
+    """Solve with OR-tools CP-SAT.
+
+    With ``budget`` None, minimise the peak instead of the time (the smallest
+    feasible budget); otherwise minimise recomputation time within ``budget``.
+    """
+    from ortools.sat.python import cp_model
+
+    started = time.perf_counter()
+    st = analyse(problem)
+    sizes = problem.storage_bytes
+    n_forward = len(st.forward)
+    last_point = st.points - 1
+    backward_points = 2 * len(st.backward)
+    model = cp_model.CpModel()
+    intervals, demands = [], []
+    for p, amount in enumerate(st.fixed):
+        if amount:
+            intervals.append(model.NewFixedSizeIntervalVar(p, 1, f"fixed{p}"))
+            demands.append(amount)
+    keep = {}
+    redo = {a: model.NewBoolVar(f"redo{a}") for a in st.ops}
+    slot = {}
+    for a in st.ops:
+        if a not in st.recomputable or not backward_points:
+            model.Add(redo[a] == 0)
+        reads = [st.first_read[s] for s in st.outputs_of[a] if s in st.first_read]
+        upper = min(reads) if reads else max(len(st.backward) - 1, 0)
+        slot[a] = model.NewIntVar(0, upper, f"slot{a}")
+    readers: dict[int, list[int]] = {}
+    for a in st.ops:
+        for s in st.recompute_reads[a]:
+            readers.setdefault(s, []).append(a)
+    owner = storage_owner(problem)
+    end = {}
+    for s in st.decision_storages:
+        a = owner[s]
+        lower = 2 * st.last_read[s] + 1 if s in st.last_read else 0
+        end[s] = model.NewIntVar(lower, max(lower, backward_points - 1), f"end{s}")
+        keep[s] = model.NewBoolVar(f"keep{s}")
+        model.AddImplication(redo[a], keep[s].Not())
+        needed = s in st.first_read
+        if needed:
+            model.AddBoolOr([keep[s], redo[a]])
+        elif s in readers:
+            model.AddBoolOr([r for r in (redo[w] for w in readers[s])]).OnlyEnforceIf(keep[s])
+        else:
+            model.Add(keep[s] == 0)
+        if not backward_points:
+            model.Add(keep[s] == 0)
+            continue
+        start_keep = st.forward_death[s] + 1
+        kept_size = model.NewIntVar(0, st.points, f"keptsize{s}")
+        model.Add(kept_size == n_forward + end[s] + 1 - start_keep)
+        intervals.append(
+            model.NewOptionalIntervalVar(
+                start_keep, kept_size, n_forward + end[s] + 1, keep[s], f"kept{s}"
+            )
+        )
+        demands.append(sizes[s])
+        redo_size = model.NewIntVar(1, backward_points, f"redosize{s}")
+        model.Add(2 * slot[a] + redo_size == end[s] + 1).OnlyEnforceIf(redo[a])
+        redo_start = model.NewIntVar(n_forward, last_point, f"redostart{s}")
+        model.Add(redo_start == n_forward + 2 * slot[a])
+        intervals.append(
+            model.NewOptionalIntervalVar(
+                redo_start, redo_size, n_forward + end[s] + 1, redo[a], f"redo{s}"
+            )
+        )
+        demands.append(sizes[s])
+    for a in st.ops:
+        if st.workspace[a] and backward_points:
+            start = model.NewIntVar(n_forward, last_point, f"wsstart{a}")
+            model.Add(start == n_forward + 2 * slot[a])
+            intervals.append(model.NewOptionalFixedSizeIntervalVar(start, 1, redo[a], f"ws{a}"))
+            demands.append(st.workspace[a])
+        for s in st.recompute_reads[a]:
+            b = owner[s]
+            model.AddBoolOr([keep[s], redo[b]]).OnlyEnforceIf(redo[a])
+            model.Add(slot[b] <= slot[a]).OnlyEnforceIf([redo[a], redo[b]])
+            model.Add(end[s] >= 2 * slot[a]).OnlyEnforceIf(redo[a])
+    if budget is None:
+        capacity = model.NewIntVar(0, sum(sizes) + max(st.fixed, default=0), "capacity")
+        model.AddCumulative(intervals, demands, capacity)
+        model.Minimize(capacity)
+    else:
+        capacity = None
+        model.AddCumulative(intervals, demands, budget)
+        model.Minimize(sum(max(1, round(st.cost[a] * TIME_SCALE)) * redo[a] for a in st.ops))
+    if hint is not None:
+        kept_hint, redo_hint = set(hint[0]), dict(hint[1])
+        for s, var in keep.items():
+            model.AddHint(var, s in kept_hint)
+        for a, var in redo.items():
+            model.AddHint(var, a in redo_hint)
+            if a in redo_hint:
+                model.AddHint(slot[a], redo_hint[a])
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(0.1, time_limit - (time.perf_counter() - started))
+    solver.parameters.num_workers = workers
+    if log_callback is not None:
+        solver.parameters.log_search_progress = True
+        solver.log_callback = log_callback
+    code = solver.Solve(model)
+    seconds = time.perf_counter() - started
+    if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        status = "infeasible" if code == cp_model.INFEASIBLE else "unknown"
+        return Solution((), (), status, float("inf"), None, None, seconds)
+    kept = tuple(s for s in st.decision_storages if solver.Value(keep[s]))
+    recompute = tuple((a, solver.Value(slot[a])) for a in st.ops if solver.Value(redo[a]))
+    status = "optimal" if code == cp_model.OPTIMAL else "feasible"
+    if budget is None:
+        return Solution(
+            kept, recompute, status, solver.ObjectiveValue(), solver.BestObjectiveBound(),
+            int(solver.Value(capacity)), seconds,
+        )
+    return Solution(
+        kept,
+        recompute,
+        status,
+        solver.ObjectiveValue() / TIME_SCALE,
+        solver.BestObjectiveBound() / TIME_SCALE,
+        None,
+        seconds,
+    )

@@ -1,0 +1,267 @@
+"""The scheduling problem as plain data: what the solver sees, and the CLI's input.
+
+A :class:`Problem` is the joint forward+backward graph reduced to numbers and
+indices: for each node its phase, the nodes it reads, the storages its value
+references and allocates, its measured time and workspace, and whether it may
+be recomputed. It imports no torch, round-trips through JSON, and carries the
+hash of the graph it was made from so that a schedule is never applied to
+another graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+PHASES = ("input", "tangent", "forward", "backward")
+
+
+class ProblemFileError(ValueError):
+    """A problem or schedule file is malformed, truncated or for another graph."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the joint graph.
+
+    ``phase`` is ``"input"`` for primals (parameters, buffers, user inputs),
+    ``"tangent"`` for the gradients flowing into the backward, ``"forward"`` for
+    nodes the forward pass computes (ancestors of the forward outputs), and
+    ``"backward"`` for everything the backward pass runs.
+    """
+
+    name: str
+    op: str
+    phase: str
+    inputs: tuple[int, ...]
+    """Indices of the nodes whose values this node reads."""
+    storages: tuple[int, ...]
+    """Storages its value references (a view references its base's)."""
+    allocates: tuple[int, ...]
+    """Storages this node allocates: its non-aliasing outputs."""
+    time: float = 0.0
+    """Measured seconds for one run on the device."""
+    workspace: int = 0
+    """Bytes the op allocates transiently beyond its outputs."""
+    recomputable: bool = True
+    """False for random ops (unless their RNG is replayed) and side effects."""
+    is_output: bool = False
+    """Its value leaves the step (a forward output or a gradient): live to the end."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Nodes in execution order (forward nodes before backward ones) and storage sizes."""
+
+    nodes: tuple[Node, ...]
+    storage_bytes: tuple[int, ...]
+    graph_hash: str
+    name: str = ""
+    budget: int | None = None
+    """Peak bytes allowed for the whole step, when the problem carries one."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (model name, device, input shapes); not validated."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # Index helpers: computed on demand, cheap enough at thousands of nodes.
+    def indices(self, phase: str) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.phase == phase]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "monet.problem",
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "graph_hash": self.graph_hash,
+            "budget": self.budget,
+            "meta": self.meta,
+            "storage_bytes": list(self.storage_bytes),
+            "nodes": [_node_to_json(n) for n in self.nodes],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Problem:
+        _expect(isinstance(data, dict), "problem", "a JSON object")
+        _expect(data.get("format") == "monet.problem", "format", "'monet.problem'")
+        _expect(data.get("version") == FORMAT_VERSION, "version", f"{FORMAT_VERSION}")
+        nodes_data = data.get("nodes")
+        _expect(isinstance(nodes_data, list), "nodes", "a list")
+        nodes = tuple(_node_from_json(i, n) for i, n in enumerate(nodes_data))
+        sizes = data.get("storage_bytes")
+        _expect(
+            isinstance(sizes, list) and all(_is_int(b) and b >= 0 for b in sizes),
+            "storage_bytes",
+            "a list of non-negative integers",
+        )
+        graph_hash = data.get("graph_hash")
+        _expect(isinstance(graph_hash, str) and graph_hash, "graph_hash", "a non-empty string")
+        budget = data.get("budget")
+        _expect(budget is None or (_is_int(budget) and budget > 0), "budget", "null or bytes > 0")
+        meta = data.get("meta", {})
+        _expect(isinstance(meta, dict), "meta", "an object")
+        try:
+            problem = cls(nodes, tuple(sizes), graph_hash, str(data.get("name", "")), budget, meta)
+        except ValueError as error:
+            raise ProblemFileError(str(error)) from None
+        if problem.structure_hash() != graph_hash:
+            raise ProblemFileError(
+                "graph_hash does not match the nodes: the file was edited or truncated"
+            )
+        return problem
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Problem:
+        return cls.from_json(read_json(path))
+
+    def structure_hash(self) -> str:
+        """Hash of the graph's structure and sizes (not of timings)."""
+        return structure_hash(self.nodes, self.storage_bytes)
+
+    def with_budget(self, budget: int) -> Problem:
+        return Problem(self.nodes, self.storage_bytes, self.graph_hash, self.name, budget, self.meta)
+
+
+def structure_hash(nodes: tuple[Node, ...] | list[Node], storage_bytes: tuple[int, ...]) -> str:
+    digest = hashlib.sha256()
+    for n in nodes:
+        digest.update(
+            repr((n.op, n.phase, n.inputs, n.storages, n.allocates, n.recomputable, n.is_output))
+            .encode()
+        )
+    digest.update(repr(tuple(storage_bytes)).encode())
+    return digest.hexdigest()[:32]
+
+
+def validate(problem: Problem) -> None:
+    """Check the invariants every stage relies on; raise ValueError naming the field."""
+    nodes, sizes = problem.nodes, problem.storage_bytes
+    owner: dict[int, int] = {}
+    seen_backward = False
+    for i, n in enumerate(nodes):
+        where = f"nodes[{i}] ({n.name})"
+        if n.phase not in PHASES:
+            raise ValueError(f"{where}.phase must be one of {PHASES}, not {n.phase!r}")
+        if n.phase == "backward":
+            seen_backward = True
+        elif n.phase == "forward" and seen_backward:
+            raise ValueError(f"{where}: forward nodes must come before backward nodes")
+        for j in n.inputs:
+            if not 0 <= j < i:
+                raise ValueError(f"{where}.inputs: {j} is not an earlier node")
+        if n.phase == "forward" and any(nodes[j].phase in ("backward", "tangent") for j in n.inputs):
+            raise ValueError(f"{where}: a forward node reads a backward value")
+        for s in (*n.storages, *n.allocates):
+            if not 0 <= s < len(sizes):
+                raise ValueError(f"{where}: storage {s} out of range")
+        if not set(n.allocates) <= set(n.storages):
+            raise ValueError(f"{where}.allocates must be a subset of .storages")
+        for s in n.allocates:
+            if s in owner:
+                raise ValueError(f"{where}: storage {s} already allocated by nodes[{owner[s]}]")
+            owner[s] = i
+        if n.phase in ("input", "tangent") and set(n.allocates) != set(n.storages):
+            raise ValueError(f"{where}: inputs own their storages")
+        if not (math.isfinite(n.time) and n.time >= 0):
+            raise ValueError(f"{where}.time must be a finite number >= 0")
+        if n.workspace < 0:
+            raise ValueError(f"{where}.workspace must be >= 0")
+    for i, n in enumerate(nodes):
+        for s in n.storages:
+            if s not in owner:
+                raise ValueError(f"nodes[{i}] ({n.name}): storage {s} has no allocating node")
+            if owner[s] > i:
+                raise ValueError(f"nodes[{i}] ({n.name}): storage {s} is allocated later")
+
+
+def _node_to_json(n: Node) -> dict[str, Any]:
+    data = asdict(n)
+    for key in ("inputs", "storages", "allocates"):
+        data[key] = list(data[key])
+    return data
+
+
+_NODE_FIELDS = {
+    "name": str,
+    "op": str,
+    "phase": str,
+    "inputs": list,
+    "storages": list,
+    "allocates": list,
+    "time": (int, float),
+    "workspace": int,
+    "recomputable": bool,
+    "is_output": bool,
+}
+
+
+def _node_from_json(index: int, data: Any) -> Node:
+    _expect(isinstance(data, dict), f"nodes[{index}]", "an object")
+    for key, kind in _NODE_FIELDS.items():
+        value = data.get(key)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind in (int, (int, float)) and isinstance(value, bool):
+            ok = False
+        _expect(ok, f"nodes[{index}].{key}", _kind_name(kind))
+        if kind is list:
+            _expect(all(_is_int(x) for x in value), f"nodes[{index}].{key}", "a list of integers")
+    unknown = set(data) - set(_NODE_FIELDS)
+    _expect(not unknown, f"nodes[{index}]", f"no unknown fields (got {sorted(unknown)})")
+    return Node(
+        name=data["name"],
+        op=data["op"],
+        phase=data["phase"],
+        inputs=tuple(data["inputs"]),
+        storages=tuple(data["storages"]),
+        allocates=tuple(data["allocates"]),
+        time=float(data["time"]),
+        workspace=data["workspace"],
+        recomputable=data["recomputable"],
+        is_output=data["is_output"],
+    )
+
+
+def _kind_name(kind: Any) -> str:
+    names = {str: "a string", list: "a list", int: "an integer", bool: "true or false"}
+    return names.get(kind, "a number")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expect(condition: Any, field_name: str, expected: str) -> None:
+    if not condition:
+        raise ProblemFileError(f"invalid field {field_name!r}: expected {expected}")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, separators=(",", ":")))
+    temporary.replace(path)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file with a size limit; errors name the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ProblemFileError(f"{path}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ProblemFileError(f"{path}: not valid JSON ({error})") from None

@@ -1,0 +1,83 @@
+"""Random training-step problems shaped like real ones, for tests and solver benchmarks.
+
+A layered forward (each op reads one or two earlier values, some are views,
+some are random and may not be recomputed) and a backward that mirrors it the
+way autograd does: one gradient node per forward op, reading the incoming
+gradient and the values the op's derivative needs.
+"""
+
+from __future__ import annotations
+
+import random
+
+from monet.solver.problem import Node, Problem, structure_hash
+
+
+def random_problem(
+    forward_ops: int,
+    seed: int = 0,
+    view_probability: float = 0.15,
+    random_probability: float = 0.1,
+    workspace_probability: float = 0.0,
+    unit: int = 1024,
+) -> Problem:
+    """A random problem with ``forward_ops`` forward nodes and about as many backward ones."""
+    rng = random.Random(seed)
+    nodes: list[Node] = []
+    sizes: list[int] = []
+
+    def storage(nbytes: int) -> int:
+        sizes.append(nbytes)
+        return len(sizes) - 1
+
+    def add(**fields) -> int:
+        nodes.append(Node(**fields))
+        return len(nodes) - 1
+
+    weight = storage(unit)
+    data = storage(4 * unit)
+    weight_node = add(name="weight", op="input", phase="input", inputs=(), storages=(weight,),
+                      allocates=(weight,), recomputable=False)
+    data_node = add(name="data", op="input", phase="input", inputs=(), storages=(data,),
+                    allocates=(data,), recomputable=False)
+    values = [data_node]
+    forward: list[int] = []
+    for k in range(forward_ops - 1):
+        source = values[-1] if rng.random() < 0.7 else rng.choice(values)
+        if rng.random() < view_probability and source != data_node:
+            node = add(name=f"view{k}", op="view", phase="forward", inputs=(source,),
+                       storages=nodes[source].storages, allocates=(), time=1e-7)
+        else:
+            inputs = [source]
+            if rng.random() < 0.3:
+                inputs.append(rng.choice(values + [weight_node]))
+            s = storage(rng.randint(1, 8) * unit)
+            workspace = rng.randint(1, 4) * unit if rng.random() < workspace_probability else 0
+            node = add(name=f"op{k}", op="op", phase="forward", inputs=tuple(dict.fromkeys(inputs)),
+                       storages=(s,), allocates=(s,), time=rng.uniform(1e-4, 1e-2),
+                       workspace=workspace, recomputable=rng.random() >= random_probability)
+        values.append(node)
+        forward.append(node)
+    out = storage(unit)
+    output = add(name="output", op="sum", phase="forward", inputs=(values[-1],), storages=(out,),
+                 allocates=(out,), time=1e-5, is_output=True)
+    tangent_storage = storage(unit)
+    grad = add(name="tangent", op="input", phase="tangent", inputs=(), storages=(tangent_storage,),
+               allocates=(tangent_storage,), recomputable=False)
+    del output
+    for node in reversed(forward):
+        n = nodes[node]
+        if n.op == "view":
+            continue
+        reads = [grad] + [k for k in n.inputs if nodes[k].phase == "forward" or k == weight_node]
+        if rng.random() < 0.3:
+            reads.append(node)
+        s = storage(sizes[n.allocates[0]] if n.allocates else unit)
+        grad = add(name=f"grad_{n.name}", op="grad", phase="backward",
+                   inputs=tuple(dict.fromkeys(reads)), storages=(s,), allocates=(s,),
+                   time=rng.uniform(1e-4, 2e-2))
+    final = storage(unit)
+    add(name="weight_grad", op="grad", phase="backward", inputs=(grad,), storages=(final,),
+        allocates=(final,), time=1e-5, is_output=True)
+    frozen = tuple(nodes)
+    return Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)), f"random{seed}")
