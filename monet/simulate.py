@@ -121,3 +121,43 @@ def simulate(problem: Problem, program: Program) -> Simulation:
     backward_pinned = set(inputs) | set(tangents) | outputs
     run("backward", program.backward, backward_pinned)
     return Simulation(best[0], best[1], best[2], tuple(timeline))
+
+
+def program_of_graphs(problem: Problem, names: dict[str, int], forward_graph, backward_graph,
+                      num_forward_outputs: int) -> Program:
+    """Read the executed program back from lowered fx graphs (an independent check of lowering).
+
+    ``names`` maps a joint-graph node name to its problem index.
+    """
+    from monet.lower import release
+
+    nodes = problem.nodes
+    forward_steps = []
+    for n in forward_graph.nodes:
+        if n.op == "call_function":
+            i = names[n.name]
+            forward_steps.append(Step(i, False, tuple((names[m.name], 0) for m in n.all_input_nodes)))
+    outputs = forward_graph.output_node().args[0]
+    saved = tuple(
+        sorted(
+            names[m.name] for m in outputs[num_forward_outputs:]
+            if nodes[names[m.name]].phase == "forward"
+        )
+    )
+    backward_steps = []
+
+    def value(m) -> Value:
+        i = names[m.name]
+        recomputed = m.op == "call_function" and nodes[i].phase == "forward"
+        return (i, 1 if recomputed else 0)
+
+    for n in backward_graph.nodes:
+        if n.op != "call_function":
+            continue
+        reads = tuple(value(m) for m in n.all_input_nodes)
+        if n.target is release:
+            backward_steps.append(Step(RELEASE, False, reads))
+        else:
+            i = names[n.name]
+            backward_steps.append(Step(i, nodes[i].phase == "forward", reads))
+    return Program(tuple(forward_steps), tuple(backward_steps), saved)

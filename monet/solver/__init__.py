@@ -97,13 +97,22 @@ def solve(
             problem.graph_hash, budget, baseline.kept, (), baseline.predicted_peak, 0.0,
             "optimal", "keep-all", 0.0, time.perf_counter() - started,
         )
+    # Least peak first: it says at once whether the budget can be met, and its
+    # schedule is a feasible start for the time objective (CP-SAT struggles to
+    # find a first feasible point under a tight budget on its own).
+    least, lower = minimum_budget(problem, max(0.5, 0.3 * time_limit))
+    if least.predicted_peak > budget:
+        raise InfeasibleBudgetError(budget, least.predicted_peak, lower)
+    remaining = max(0.5, time_limit - (time.perf_counter() - started))
     solution = solve_cpsat(
-        problem, budget, time_limit, hint=(baseline.kept, ()), log_callback=progress
+        problem, budget, remaining, hint=(least.kept, least.recompute), log_callback=progress
     )
     if solution.status not in ("optimal", "feasible"):
-        remaining = max(1.0, time_limit - (time.perf_counter() - started))
-        best, lower = minimum_budget(problem, remaining)
-        raise InfeasibleBudgetError(budget, best.predicted_peak, lower)
+        return Schedule(
+            problem.graph_hash, budget, least.kept, least.recompute, least.predicted_peak,
+            least.predicted_overhead, "heuristic", "cpsat-min-peak", None,
+            time.perf_counter() - started,
+        )
     schedule = _finish(
         problem, solution.kept, solution.recompute, budget, solution.status, "cpsat",
         solution.bound, time.perf_counter() - started,

@@ -116,8 +116,19 @@ def build_program(problem: Problem, schedule: Schedule) -> Program:
     def value(i: int, in_backward: bool) -> Value:
         return (i, 1 if in_backward and i in recompute_slot else 0)
 
+    # The forward runs what its outputs and the saved values need, in order.
+    executed: set[int] = set()
+    stack = [i for i in forward if nodes[i].is_output] + sorted(saved)
+    while stack:
+        i = stack.pop()
+        if i in executed or nodes[i].phase != "forward":
+            continue
+        executed.add(i)
+        stack.extend(nodes[i].inputs)
     forward_steps = tuple(
-        Step(i, False, tuple(value(k, False) for k in nodes[i].inputs)) for i in forward
+        Step(i, False, tuple(value(k, False) for k in nodes[i].inputs))
+        for i in forward
+        if i in executed
     )
     by_slot: dict[int, list[int]] = {}
     for i in sorted(recompute_slot):

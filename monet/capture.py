@@ -1,0 +1,210 @@
+"""Capture: the aten-level joint forward+backward graph of a module, through AOTAutograd.
+
+AOTAutograd traces the module functionally (parameters, buffers and the
+tensor leaves of the inputs become the graph's ``primals``), functionalises
+it (a batch-norm's running-statistics update becomes an extra forward output
+that AOTAutograd's runtime copies back), and hands the joint graph to a
+*partition function*. monet's partition function is the rest of its
+pipeline: it receives a :class:`JointGraph` and returns the forward and
+backward graphs to run; AOTAutograd's runtime then executes them inside one
+``torch.autograd.Function``, saving exactly what the forward graph returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+
+class CaptureError(RuntimeError):
+    """The model could not be traced into a graph; names the op and the user's line."""
+
+
+@dataclass
+class JointGraph:
+    """The joint graph and what monet needs to know about its inputs and outputs."""
+
+    module: fx.GraphModule
+    num_forward_outputs: int
+    """How many of the output node's values are forward outputs (the rest are gradients)."""
+    primal_names: list[str]
+    """Per primal placeholder: ``parameter:NAME``, ``buffer:NAME`` or ``input:PATH``."""
+    real_primals: list[torch.Tensor] | None = None
+    """The real tensors behind the primals (for profiling), when known."""
+
+
+@dataclass
+class CompiledStep:
+    """A module's forward compiled through AOTAutograd for one input signature."""
+
+    function: Callable[..., Any]
+    tensor_positions: list[int]
+    leaves: list[Any]
+    spec: pytree.TreeSpec
+    primal_names: list[str]
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        tensors = flat_tensors(model, args, kwargs)[0]
+        return self.function(*tensors)
+
+
+def flat_tensors(model: nn.Module, args: tuple, kwargs: dict):
+    """Parameters, buffers and input leaves, flattened; returns (tensors, leaves, spec, names)."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    leaves, spec = pytree.tree_flatten((params, buffers, args, kwargs))
+    names = (
+        [f"parameter:{n}" for n in params]
+        + [f"buffer:{n}" for n in buffers]
+        + [f"input:{i}" for i in range(len(leaves) - len(params) - len(buffers))]
+    )
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    tensor_names = [n for n, leaf in zip(names, leaves) if isinstance(leaf, torch.Tensor)]
+    return tensors, leaves, spec, tensor_names
+
+
+def compile_step(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    partition: Callable[[JointGraph], tuple[fx.GraphModule, fx.GraphModule]],
+) -> CompiledStep:
+    """Wrap ``model`` so that its first call captures and partitions the joint graph.
+
+    Non-tensor leaves of the inputs are baked in as constants (they are part of
+    the plan's key); tensor leaves, parameters and buffers are the primals.
+    """
+    from functorch.compile import aot_function, make_boxed_func
+
+    tensors, leaves, spec, names = flat_tensors(model, args, kwargs)
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    state: dict[str, Any] = {}
+
+    def flat_forward(*flat: torch.Tensor) -> Any:
+        filled = list(leaves)
+        for position, tensor in zip(positions, flat):
+            filled[position] = tensor
+        params, buffers, call_args, call_kwargs = pytree.tree_unflatten(filled, spec)
+        return torch.func.functional_call(model, (params, buffers), call_args, call_kwargs)
+
+    def partition_fn(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int, **_):
+        return partition(JointGraph(joint, num_fwd_outputs, names, state.get("real")))
+
+    def boxed(graph: fx.GraphModule, _example: Any) -> Callable[[list], Any]:
+        # Graphs lowered by monet already take their inputs as a list and clear it.
+        return graph if getattr(graph, "_boxed_call", False) else make_boxed_func(graph)
+
+    function = aot_function(
+        flat_forward, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition_fn
+    )
+
+    def call(*flat: torch.Tensor) -> Any:
+        state["real"] = list(flat)
+        try:
+            with _explain_failures():
+                return function(*flat)
+        finally:
+            state.pop("real", None)
+
+    return CompiledStep(call, positions, leaves, spec, names)
+
+
+def capture(model: nn.Module, *args: Any, **kwargs: Any) -> JointGraph:
+    """The joint graph of one training step of ``model`` on these inputs (nothing is run
+    beyond tracing and one forward, whose side effects on buffers are undone)."""
+    from torch._functorch.partitioners import default_partition
+
+    captured: list[JointGraph] = []
+
+    def partition(joint: JointGraph):
+        captured.append(joint)
+        return default_partition(
+            joint.module, None, num_fwd_outputs=joint.num_forward_outputs
+        )
+
+    step = compile_step(model, args, kwargs, partition)
+    with preserved_state(model, (args, kwargs)):
+        step(model, args, kwargs)
+    if not captured:
+        raise CaptureError(
+            "nothing to differentiate: no parameter or input requires grad, so there is "
+            "no backward graph to capture"
+        )
+    return captured[0]
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, inputs: Any = ()):
+    """Undo what a trial step does: buffers, the gradients of parameters and of
+    the tensors in ``inputs``, and the RNG stream."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    holders = list(model.parameters()) + [t for t in leaves if t.requires_grad]
+    grads = [t.grad for t in holders]
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    if name in buffers:
+                        b.copy_(buffers[name])
+            for tensor, grad in zip(holders, grads):
+                tensor.grad = grad
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted(
+        {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
+    )
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_MONET_DIR = os.path.dirname(__file__)
+
+
+@contextlib.contextmanager
+def _explain_failures():
+    """Turn a tracing failure into a CaptureError naming the op and the user's line."""
+    try:
+        yield
+    except (CaptureError, ValueError) as error:
+        if type(error).__module__.startswith("monet"):
+            raise
+        raise _capture_error(error) from error
+    except Exception as error:  # noqa: BLE001 - every tracing failure gets the same treatment
+        raise _capture_error(error) from error
+
+
+def _capture_error(error: BaseException) -> BaseException:
+    frames = traceback.extract_tb(error.__traceback__)
+    user = [
+        f for f in frames
+        if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_MONET_DIR)
+    ]
+    if not user:
+        return error
+    frame = user[-1]
+    op = _op_in_message(str(error))
+    where = f'{frame.filename}:{frame.lineno} in {frame.name}: "{(frame.line or "").strip()}"'
+    what = f" at op {op}" if op else ""
+    return CaptureError(
+        f"monet could not capture the model{what}, {where}\n"
+        f"  {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}\n"
+        "  Data-dependent Python control flow, .item()/.tolist() on tensors, and "
+        "tensors cached on modules during forward stop the trace."
+    )
+
+
+def _op_in_message(message: str) -> str:
+    for word in message.replace("(", " ").replace(")", " ").replace(",", " ").split():
+        if word.startswith("aten.") or word.startswith("aten::"):
+            return word.rstrip(".:")
+    return ""

@@ -1,0 +1,98 @@
+"""Lower: a schedule's program becomes the forward and backward fx graphs AOTAutograd runs.
+
+The forward graph computes the forward outputs and returns the saved values
+after them; the backward graph takes the saved values and the tangents, runs
+each slot's recomputations (copies of forward nodes), a ``release`` of the
+values whose last reader was in that slot, then the slot's backward node.
+Both graphs use the boxed calling convention so that an input is freed at its
+last use, as the simulator assumes.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.graph import _BoxedCodeGen
+
+from monet.graph import AnalysedGraph
+from monet.solver.program import RELEASE, Program
+
+
+class LoweringError(RuntimeError):
+    """The fx graphs disagree with the program (a bug in lowering or in the program)."""
+
+
+def release(*values: object) -> None:
+    """Holds ``values`` alive until this point of the backward graph; frees nothing itself."""
+    return None
+
+
+def lower(analysed: AnalysedGraph, program: Program) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Forward and backward graph modules for ``program`` (AOTAutograd's contract)."""
+    from torch._functorch.partitioners import _extract_fwd_bwd_modules
+
+    order = analysed.order
+    nodes = analysed.problem.nodes
+    saved = [order[i] for i in program.saved]
+    # The backward reads parameters and inputs through the saved values too.
+    primal_reads = {
+        k
+        for step in program.backward
+        if step.node != RELEASE
+        for k in nodes[step.node].inputs
+        if nodes[k].phase == "input"
+    }
+    saved += [order[k] for k in sorted(primal_reads)]
+    forward_module, backward_module = _extract_fwd_bwd_modules(
+        analysed.joint.module, saved, [], num_fwd_outputs=analysed.joint.num_forward_outputs
+    )
+    _check_forward(forward_module, analysed, program)
+    backward_module = _reorder_backward(backward_module, analysed, program)
+    for module in (forward_module, backward_module):
+        module.graph.set_codegen(_BoxedCodeGen())
+        module.recompile()
+    return forward_module, backward_module
+
+
+def _check_forward(module: fx.GraphModule, analysed: AnalysedGraph, program: Program) -> None:
+    names = [n.name for n in module.graph.nodes if n.op == "call_function"]
+    expected = [analysed.order[step.node].name for step in program.forward]
+    if names != expected:
+        missing = sorted(set(expected) - set(names))
+        extra = sorted(set(names) - set(expected))
+        raise LoweringError(f"forward graph differs from the program: missing {missing}, extra {extra}")
+
+
+def _reorder_backward(
+    module: fx.GraphModule, analysed: AnalysedGraph, program: Program
+) -> fx.GraphModule:
+    by_name = {n.name: n for n in module.graph.nodes}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in module.graph.find_nodes(op="placeholder"):
+        env[n] = graph.node_copy(n, lambda m: env[m])
+    placed = set(env)
+    order = analysed.order
+    for step in program.backward:
+        if step.node == RELEASE:
+            values = tuple(env[by_name[order[i].name]] for i, _ in step.reads)
+            graph.call_function(release, values)
+            continue
+        name = order[step.node].name
+        source = by_name.get(name)
+        if source is None:
+            raise LoweringError(f"the program runs {name} in the backward; the graph lacks it")
+        missing = [m.name for m in source.all_input_nodes if m not in env]
+        if missing:
+            raise LoweringError(f"{name} runs before its inputs {missing} exist")
+        env[source] = graph.node_copy(source, lambda m: env[m])
+        placed.add(source)
+    # Extraction copies every node whose inputs are available and keeps the
+    # unused random ones (dead-code elimination spares impure ops): drop what
+    # nothing placed reads, so no stray op runs or draws random numbers.
+    leftover = {n for n in module.graph.nodes if n.op == "call_function" and n not in placed}
+    needed = [n.name for n in leftover if any(u not in leftover for u in n.users)]
+    if needed:
+        raise LoweringError(f"backward graph nodes the program does not run: {needed}")
+    graph.node_copy(module.graph.output_node(), lambda m: env[m])
+    graph.lint()
+    return fx.GraphModule(module, graph)

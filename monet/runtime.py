@@ -1,0 +1,263 @@
+"""Run: ``MonetModule``, an ``nn.Module`` that trains through a memory plan.
+
+Each input signature (shapes, dtypes, devices, which tensors require grad,
+non-tensor arguments, the parameters' dtypes and devices) gets its own plan,
+made on first use and cached: the joint graph is captured, profiled, solved
+and lowered inside AOTAutograd's partition step, and AOTAutograd's runtime
+executes the lowered forward and backward graphs in one autograd function.
+Parameters and buffers stay the user's own tensors: they are read at every
+call, so optimisers, ``state_dict`` and ``.to()`` work as before. In eval mode
+or under ``torch.no_grad()`` the wrapped module runs as it is.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from monet.capture import CompiledStep, JointGraph, compile_step, flat_tensors, preserved_state
+from monet.config import Config
+from monet.graph import analyse
+from monet.lower import lower
+from monet.profile import ProfileCache, profile
+from monet.simulate import Simulation, program_of_graphs, simulate
+from monet.solver import Problem, Schedule, build_program, keep_all, solve
+from monet.solver.schedule import InfeasibleBudgetError, format_bytes
+
+
+@dataclass
+class Plan:
+    """One input signature's plan and what was measured about it."""
+
+    key: tuple
+    step: CompiledStep
+    problem: Problem
+    schedule: Schedule
+    simulation: Simulation
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds per stage: capture+analyse, profile, solve, lower."""
+    measured_peak: int | None = None
+    measurement_method: str = ""
+    step_seconds: float | None = None
+    """Median step time of the plan, measured beside eager's."""
+    eager_step_seconds: float | None = None
+
+
+def signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What a plan is specific to: everything that changes the captured graph."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+
+    def describe(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return ("tensor", tuple(x.shape), x.dtype, str(x.device), x.requires_grad)
+        return ("constant", type(x).__name__, repr(x))
+
+    params = tuple(
+        (name, p.dtype, str(p.device), p.requires_grad, tuple(p.shape))
+        for name, p in model.named_parameters()
+    )
+    buffers = tuple((name, b.dtype, str(b.device), tuple(b.shape)) for name, b in model.named_buffers())
+    return (str(spec), tuple(describe(x) for x in leaves), params, buffers)
+
+
+def backward_step(
+    model: nn.Module, forward: Callable[[], Any], inputs: Any = ()
+) -> Callable[[], None]:
+    """A training step for measurements: forward, then backward with unit output gradients.
+
+    Gradients start from None (as after ``zero_grad()``), so each step allocates them.
+    """
+    leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+
+    def step() -> None:
+        for t in [*model.parameters(), *leaves]:
+            t.grad = None
+        outputs = [
+            o for o in pytree.tree_leaves(forward())
+            if isinstance(o, torch.Tensor) and o.requires_grad
+        ]
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+        del outputs
+
+    return step
+
+
+class MonetModule(nn.Module):
+    """Wraps a module so that its training steps run within a memory budget.
+
+    Made by :func:`monet.optimize`; ``report()`` says what the last plan
+    predicted and measured.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        budget: Callable[[tuple, dict], Callable[[int], int]],
+        config: Config,
+        schedule_path: str | Path | None = None,
+    ):
+        super().__init__()
+        self.module = module
+        self._budget = budget
+        self._config = config
+        self._schedule_path = schedule_path
+        self._plans: dict[tuple, Plan] = {}
+        self._last_plan: Plan | None = None
+        self._cache = ProfileCache(config.profile_cache)
+
+    # ----------------------------------------------------------------- nn.Module
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.training or not torch.is_grad_enabled():
+            return self.module(*args, **kwargs)
+        key = signature(self.module, args, kwargs)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self.plan(*args, **kwargs)
+        self._last_plan = plan
+        return plan.step(self.module, args, kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+    # -------------------------------------------------------------------- plans
+    @property
+    def plans(self) -> dict[tuple, Plan]:
+        return self._plans
+
+    @property
+    def last_plan(self) -> Plan | None:
+        return self._last_plan
+
+    def plan(self, *args: Any, **kwargs: Any) -> Plan:
+        """Make (or return) the plan for these inputs, measuring it if configured."""
+        key = signature(self.module, args, kwargs)
+        if key in self._plans:
+            return self._plans[key]
+        plan = self._make_plan(key, args, kwargs, self._budget(args, kwargs))
+        budget = plan.problem.budget
+        if self._config.measure:
+            self._measure(plan, args, kwargs)
+            attempts = 0
+            while plan.measured_peak > budget and attempts < self._config.replan_attempts:
+                # The model of memory missed something the device allocates: take
+                # the excess off the budget and plan again.
+                attempts += 1
+                excess = plan.measured_peak - plan.schedule.predicted_peak
+                tighter = budget - max(excess, plan.measured_peak - budget)
+                self._note(f"measured peak {format_bytes(plan.measured_peak)} is over the budget; "
+                           f"re-planning at {format_bytes(tighter)}")
+                plan = self._make_plan(key, args, kwargs, tighter)
+                self._measure(plan, args, kwargs)
+            if plan.measured_peak > budget:
+                raise InfeasibleBudgetError(budget, plan.measured_peak)
+        self._plans[key] = plan
+        self._last_plan = plan
+        return plan
+
+    def _note(self, message: str) -> None:
+        if self._config.progress:
+            print(f"monet: {message}", file=sys.stderr)
+
+    def _make_plan(
+        self, key: tuple, args: tuple, kwargs: dict, budget: int | Callable[[int], int]
+    ) -> Plan:
+        """Capture, profile, solve and lower for these inputs.
+
+        ``budget`` is bytes, or a function of the keep-everything plan's peak.
+        """
+        config = self._config
+        seconds: dict[str, float] = {}
+        result: dict[str, Any] = {}
+        started = time.perf_counter()
+
+        def partition(joint: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
+            t = time.perf_counter()
+            seconds["capture"] = t - started
+            analysed = analyse(joint)
+            if joint.real_primals is None:
+                raise RuntimeError("monet: the real inputs were not handed to the partitioner")
+            problem, stats = profile(
+                analysed, joint.real_primals, self._cache, config.profile_repeats, config.progress
+            )
+            resolved = budget if isinstance(budget, int) else budget(keep_all(problem).predicted_peak)
+            problem = Problem(
+                problem.nodes, problem.storage_bytes, problem.graph_hash,
+                type(self.module).__name__, resolved,
+                {"device": str(joint.real_primals[0].device), "profiled_ops": stats.measured,
+                 "cached_ops": stats.cached},
+            )
+            seconds["profile"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if self._schedule_path is not None:
+                schedule = Schedule.load(self._schedule_path, problem)
+            else:
+                progress = (lambda line: print(line, file=sys.stderr)) if config.progress else None
+                schedule = solve(problem, resolved, config.time_limit, progress=progress)
+            seconds["solve"] = time.perf_counter() - t
+            t = time.perf_counter()
+            program = build_program(problem, schedule)
+            forward_graph, backward_graph = lower(analysed, program)
+            names = {n.name: i for n, i in analysed.index.items()}
+            simulation = simulate(
+                problem,
+                program_of_graphs(
+                    problem, names, forward_graph.graph, backward_graph.graph,
+                    joint.num_forward_outputs,
+                ),
+            )
+            if config.check_simulation and simulation.peak != schedule.predicted_peak:
+                raise AssertionError(
+                    f"monet: the lowered graphs peak at {simulation.peak} bytes but the schedule "
+                    f"predicted {schedule.predicted_peak}: lowering and program disagree"
+                )
+            seconds["lower"] = time.perf_counter() - t
+            result.update(problem=problem, schedule=schedule, simulation=simulation)
+            return forward_graph, backward_graph
+
+        step = compile_step(self.module, args, kwargs, partition)
+        # Planning runs one forward; undo what it does to buffers and the RNG.
+        with preserved_state(self.module, (args, kwargs)):
+            step(self.module, args, kwargs)
+        if "schedule" not in result:
+            raise RuntimeError(
+                "monet: nothing to plan: no parameter or input requires grad, so the step "
+                "has no backward"
+            )
+        return Plan(key, step, result["problem"], result["schedule"], result["simulation"], seconds)
+
+    def _measure(self, plan: Plan, args: tuple, kwargs: dict) -> None:
+        from monet.measure import compare_step_times, measure_peak_memory
+
+        module = self.module
+        resident = flat_tensors(module, args, kwargs)[0]
+        monet_step = backward_step(module, lambda: plan.step(module, args, kwargs), (args, kwargs))
+        eager_step = backward_step(module, lambda: module(*args, **kwargs), (args, kwargs))
+        with preserved_state(module, (args, kwargs)):
+            monet_step()  # warm: AOTAutograd compiles the backward lazily
+            measurement = measure_peak_memory(monet_step, resident)
+            plan.measured_peak = measurement.peak_bytes
+            plan.measurement_method = measurement.method
+            if self._config.timing_repeats > 0:
+                times = compare_step_times(
+                    {"eager": eager_step, "monet": monet_step},
+                    repeats=self._config.timing_repeats,
+                    warmup=1,
+                )
+                plan.step_seconds = times["monet"].median_s
+                plan.eager_step_seconds = times["eager"].median_s
