@@ -28,6 +28,8 @@ class AnalysedGraph:
     """Non-output nodes: inputs, forward, tangents, backward."""
     index: dict[fx.Node, int]
     problem: Problem
+    mutated_inputs: set[fx.Node]
+    """Primals the step mutates (running statistics): updated in place after the forward."""
 
 
 def tensors_in(value: object) -> list[torch.Tensor]:
@@ -62,22 +64,18 @@ def analyse(joint: JointGraph) -> AnalysedGraph:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     primals = [n for n in placeholders if not n.name.startswith("tangents")]
     tangents = [n for n in placeholders if n.name.startswith("tangents")]
-    # Forward nodes: the ancestors of the forward outputs.
-    forward: set[fx.Node] = set()
-    stack = list(forward_outs)
-    while stack:
-        n = stack.pop()
-        if n in forward or n.op == "placeholder":
-            continue
-        forward.add(n)
-        stack.extend(n.all_input_nodes)
     body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    # An op's outputs that only the backward reads (a norm's saved statistics)
-    # are still extracted in the forward: a getitem is free, and treating it as
-    # forward lets those small outputs be kept without keeping the op's others.
+    # Forward nodes: everything that does not depend on a tangent. Autograd
+    # places some of these in the backward (a detach or transpose of a saved
+    # activation, a norm's saved statistics); they are still functions of the
+    # forward, so each is either computed in the forward and saved, or
+    # recomputed, and the solver chooses, instead of pinning its input from
+    # the start of the backward.
+    backward: set[fx.Node] = set(tangents)
     for n in body:
-        if n.target is operator.getitem and n.args[0] in forward:
-            forward.add(n)
+        if any(m in backward for m in n.all_input_nodes):
+            backward.add(n)
+    forward = {n for n in body if n not in backward}
     for n in body:
         if n.op != "call_function":
             raise NotImplementedError(f"joint graph node {n.name} is a {n.op}; expected calls only")
@@ -88,6 +86,7 @@ def analyse(joint: JointGraph) -> AnalysedGraph:
         + [n for n in body if n not in forward]
     )
     index = {n: i for i, n in enumerate(order)}
+    mutated = _mutated_inputs(output, primals)
     storage_ids: dict[StorageWeakRef, int] = {}
     sizes: list[int] = []
     forward_out_set, backward_out_set = set(forward_outs), set(backward_outs)
@@ -120,13 +119,44 @@ def analyse(joint: JointGraph) -> AnalysedGraph:
                 inputs=tuple(index[m] for m in n.all_input_nodes),
                 storages=tuple(storages),
                 allocates=tuple(allocates),
-                recomputable=phase == "forward" and not is_random(n) and not has_side_effects(n),
+                recomputable=phase == "forward"
+                and not is_random(n)
+                and not has_side_effects(n)
+                and _ignores_mutated_inputs(n, mutated),
                 is_output=(n in forward_out_set) or (n in backward_out_set),
             )
         )
     frozen = tuple(nodes)
     problem = Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)))
-    return AnalysedGraph(joint, order, index, problem)
+    return AnalysedGraph(joint, order, index, problem, mutated)
+
+
+def _mutated_inputs(output: fx.Node, primals: list[fx.Node]) -> set[fx.Node]:
+    from torch._functorch._aot_autograd.descriptors import InputMutationAOTOutput, PlainAOTInput
+
+    mutated = set()
+    for desc in output.meta.get("desc") or ():
+        if isinstance(desc, InputMutationAOTOutput) and isinstance(
+            desc.mutated_input, PlainAOTInput
+        ):
+            mutated.add(primals[desc.mutated_input.idx])
+    return mutated
+
+
+def _ignores_mutated_inputs(node: fx.Node, mutated: set[fx.Node]) -> bool:
+    """Whether a recomputation of ``node`` in the backward, which would read the
+    already-updated value of a mutated input, still gives the same tensors.
+
+    Only a training-mode batch-norm qualifies: its normalised output and saved
+    statistics come from the batch; the running statistics it reads only feed
+    its new running statistics, which a recomputation discards.
+    """
+    if not any(m in mutated for m in node.all_input_nodes):
+        return True
+    return (
+        node.target is torch.ops.aten._native_batch_norm_legit_functional.default
+        and bool(node.args[5])
+    )
 
 
 def _storage_refs_with_bytes(node: fx.Node) -> list[tuple[StorageWeakRef, int]]:

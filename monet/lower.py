@@ -42,6 +42,12 @@ def lower(analysed: AnalysedGraph, program: Program) -> tuple[fx.GraphModule, fx
         if nodes[k].phase == "input"
     }
     saved += [order[k] for k in sorted(primal_reads)]
+    for node in saved:
+        if node in analysed.mutated_inputs:
+            # A recomputed batch-norm reads its running statistics after the
+            # forward updated them in place; that is correct (graph.py), so skip
+            # autograd's version check by stashing them on the context.
+            node.meta["saved_tensor_with_no_vc_check"] = True
     forward_module, backward_module = _extract_fwd_bwd_modules(
         analysed.joint.module, saved, [], num_fwd_outputs=analysed.joint.num_forward_outputs
     )

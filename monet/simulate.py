@@ -29,6 +29,8 @@ class Simulation:
     """Name of the node running at the peak (``release`` for a release step)."""
     timeline: tuple[tuple[str, str, int], ...]
     """(phase, node name, live bytes while it ran) for every executed step."""
+    live_at_peak: tuple[tuple[int, int], ...] = ()
+    """(storage, copy) instances live at the peak: copy 1 is a recomputed one."""
 
 
 class _Memory:
@@ -62,13 +64,15 @@ def simulate(problem: Problem, program: Program) -> Simulation:
     memory = _Memory(sizes)
     timeline: list[tuple[str, str, int]] = []
     best = (-1, "", "")
+    live_at_peak: tuple[tuple[int, int], ...] = ()
 
     def record(phase: str, name: str, workspace: int) -> None:
-        nonlocal best
+        nonlocal best, live_at_peak
         level = memory.live + workspace
         timeline.append((phase, name, level))
         if level > best[0]:
             best = (level, phase, name)
+            live_at_peak = tuple(memory.refs)
 
     def instances_of(step: Step, copy: int) -> tuple[tuple[int, int], ...]:
         node = nodes[step.node]
@@ -120,7 +124,7 @@ def simulate(problem: Problem, program: Program) -> Simulation:
         memory.add_value((i, 0), tuple((s, 0) for s in nodes[i].allocates))
     backward_pinned = set(inputs) | set(tangents) | outputs
     run("backward", program.backward, backward_pinned)
-    return Simulation(best[0], best[1], best[2], tuple(timeline))
+    return Simulation(best[0], best[1], best[2], tuple(timeline), live_at_peak)
 
 
 def program_of_graphs(problem: Problem, names: dict[str, int], forward_graph, backward_graph,

@@ -60,14 +60,22 @@ def keep_all(problem: Problem) -> Schedule:
     return _finish(problem, kept, (), None, "heuristic", "keep-all", 0.0)
 
 
-def minimum_budget(problem: Problem, time_limit: float = 10.0) -> tuple[Schedule, int]:
-    """The schedule of least peak found, and a lower bound on any schedule's peak."""
-    solution = solve_cpsat(problem, None, time_limit)
+def minimum_budget(
+    problem: Problem, time_limit: float = 10.0, stop_at: int | None = None
+) -> tuple[Schedule, int]:
+    """The schedule of least peak found, and a lower bound on any schedule's peak.
+
+    With ``stop_at``, the search ends as soon as a schedule peaks at most that.
+    """
+    solution = solve_cpsat(problem, None, time_limit, stop_at=stop_at)
     if solution.status not in ("optimal", "feasible"):
         raise RuntimeError(f"the minimum-budget model found no schedule ({solution.status})")
+    # The schedule's budget is the capacity the solver certified for it: the
+    # smallest budget ``solve`` accepts for this schedule. Its simulated peak can
+    # be lower (the model sums the workspaces of recomputations in one slot).
     schedule = _finish(
-        problem, solution.kept, solution.recompute, None, solution.status, "cpsat-min-peak",
-        None, solution.seconds,
+        problem, solution.kept, solution.recompute, solution.capacity, solution.status,
+        "cpsat-min-peak", None, solution.seconds,
     )
     return schedule, int(solution.bound or 0)
 
@@ -100,9 +108,9 @@ def solve(
     # Least peak first: it says at once whether the budget can be met, and its
     # schedule is a feasible start for the time objective (CP-SAT struggles to
     # find a first feasible point under a tight budget on its own).
-    least, lower = minimum_budget(problem, max(0.5, 0.3 * time_limit))
-    if least.predicted_peak > budget:
-        raise InfeasibleBudgetError(budget, least.predicted_peak, lower)
+    least, lower = minimum_budget(problem, max(0.5, 0.5 * time_limit), stop_at=budget)
+    if least.budget > budget:
+        raise InfeasibleBudgetError(budget, least.budget, lower)
     remaining = max(0.5, time_limit - (time.perf_counter() - started))
     solution = solve_cpsat(
         problem, budget, remaining, hint=(least.kept, least.recompute), log_callback=progress

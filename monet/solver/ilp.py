@@ -174,11 +174,13 @@ def solve_cpsat(
     workers: int = 2,
     hint: tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None = None,
     log_callback=None,
+    stop_at: int | None = None,
 ) -> Solution:
     """Solve with OR-tools CP-SAT.
 
     With ``budget`` None, minimise the peak instead of the time (the smallest
-    feasible budget); otherwise minimise recomputation time within ``budget``.
+    feasible budget), stopping early once it is at most ``stop_at``; otherwise
+    minimise recomputation time within ``budget``.
     """
     from ortools.sat.python import cp_model
 
@@ -277,7 +279,16 @@ def solve_cpsat(
     if log_callback is not None:
         solver.parameters.log_search_progress = True
         solver.log_callback = log_callback
-    code = solver.Solve(model)
+    callback = None
+    if budget is None and stop_at is not None:
+
+        class _StopWhenBelow(cp_model.CpSolverSolutionCallback):
+            def on_solution_callback(self) -> None:
+                if self.ObjectiveValue() <= stop_at:
+                    self.StopSearch()
+
+        callback = _StopWhenBelow()
+    code = solver.Solve(model, callback)
     seconds = time.perf_counter() - started
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         status = "infeasible" if code == cp_model.INFEASIBLE else "unknown"
