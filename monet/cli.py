@@ -80,7 +80,9 @@ def describe_budget(budget: float | str) -> str:
     from monet.solver import format_bytes
 
     kind, value = parse_budget(budget)
-    return f"{100 * value:g}% of the unoptimised peak" if kind == "fraction" else format_bytes(value)
+    if kind == "fraction":
+        return f"{100 * value:g}% of the unoptimised peak"
+    return format_bytes(value)
 
 
 # ------------------------------------------------------------------- shared
@@ -157,11 +159,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import monet
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model, inputs, batch = zoo_model(args.model, args.batch)
     parameters = sum(p.numel() for p in model.parameters())
     device = str(next(model.parameters()).device)
     print(f"monet {monet.__version__} demo")
-    print(f"  model             {args.model} ({type(model).__name__}, {parameters / 1e6:.2f} M parameters)")
+    print(
+        f"  model             {args.model} ({type(model).__name__}, "
+        f"{parameters / 1e6:.2f} M parameters)"
+    )
     print(f"  batch             {batch} (inputs {shapes(inputs)})")
     print(
         f"  device            {device}, torch {torch.__version__}, "
@@ -251,7 +258,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"({format_bytes(sum(problem.storage_bytes))} in all)"
     )
     print(f"keep-all     peak {format_bytes(keep_all_peak)} ({keep_all_peak} bytes)")
-    print(f"budget       {'none' if budget is None else f'{format_bytes(budget)} ({budget} bytes)'}")
+    stored = "none" if budget is None else f"{format_bytes(budget)} ({budget} bytes)"
+    print(f"budget       {stored}")
     print(
         f"profiled     {problem.meta.get('profiled_ops', '?')} ops measured, "
         f"{problem.meta.get('cached_ops', '?')} from cache, {seconds:.1f} s in all"
@@ -310,11 +318,15 @@ def cmd_solve(args: argparse.Namespace) -> int:
     bound = "unknown" if schedule.bound is None else f"{1000 * schedule.bound:.3f} ms"
     gap = "unknown" if schedule.gap is None else f"{100 * schedule.gap:.2f}%"
     print(f"status          {schedule.status} ({schedule.backend})")
-    print(f"predicted peak  {format_bytes(schedule.predicted_peak)} ({schedule.predicted_peak} bytes)")
+    peak = schedule.predicted_peak
+    print(f"predicted peak  {format_bytes(peak)} ({peak} bytes)")
     print(f"added time      {1000 * schedule.predicted_overhead:.3f} ms (predicted recomputation)")
     print(f"bound           {bound}, gap {gap}")
     print(f"solve time      {schedule.solve_seconds:.2f} s")
-    print(f"schedule        {len(schedule.kept)} storages kept, {len(schedule.recompute)} ops recomputed")
+    print(
+        f"schedule        {len(schedule.kept)} storages kept, "
+        f"{len(schedule.recompute)} ops recomputed"
+    )
     if args.output is not None:
         schedule.save(args.output)
         print(f"wrote           {args.output}")
@@ -391,6 +403,8 @@ def load_benchmark() -> ModuleType:
     spec = importlib.util.spec_from_file_location("checkpoint_frontier", BENCHMARK)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: its dataclasses look their module up by name.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -422,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     demo.add_argument("--timing-repeats", type=int, default=3,
                       help="interleaved timed steps per method for the overhead (default 3)")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="torch threads (default: torch's choice)")
     demo.add_argument("-v", "--verbose", action="store_true",
                       help="show profiling progress and the solver's log on stderr")
     demo.set_defaults(run=cmd_demo)
@@ -432,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the scheduling problem (no solving).",
     )
     profile.add_argument("model", help="zoo model name (see monet.models.names())")
-    profile.add_argument("--batch", type=int, default=None, help="batch size (default: the model's)")
+    profile.add_argument("--batch", type=int, default=None,
+                         help="batch size (default: the model's)")
     profile.add_argument("--budget", type=budget_arg, default=None,
                          help="budget to store in the problem (default: none)")
     profile.add_argument("-o", "--output", type=Path, required=True, help="problem JSON to write")
@@ -459,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The benchmark parses its own arguments (see `monet bench --help`).
     bench = commands.add_parser(
-        "bench", add_help=False, help="run benchmarks/checkpoint_frontier.py (arguments pass through)",
+        "bench", add_help=False,
+        help="run benchmarks/checkpoint_frontier.py (arguments pass through)",
     )
     bench.set_defaults(run=None)
     return parser

@@ -1,0 +1,158 @@
+"""The solver against brute force, its files, its time limit, and the simulator by hand."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import pytest
+
+from monet.simulate import simulate
+from monet.solver import (
+    InfeasibleBudgetError,
+    Node,
+    Problem,
+    ProblemFileError,
+    Schedule,
+    ScheduleError,
+    build_program,
+    keep_all,
+    minimum_budget,
+    solve,
+)
+from monet.solver.ilp import analyse
+from monet.solver.problem import structure_hash
+from monet.solver.random_graphs import random_problem
+
+
+def brute_force(problem: Problem, budget: int) -> float | None:
+    """Least added time over every keep/recompute/slot choice whose simulated peak fits."""
+    structure = analyse(problem)
+    storages = structure.decision_storages
+    ops = sorted(structure.recomputable)
+    slots = range(len(structure.backward))
+    best = None
+    for kept_mask in range(1 << len(storages)):
+        kept = tuple(s for i, s in enumerate(storages) if kept_mask >> i & 1)
+        for redo_mask in range(1 << len(ops)):
+            redo = [a for i, a in enumerate(ops) if redo_mask >> i & 1]
+            if any(s in kept for a in redo for s in structure.outputs_of[a]):
+                continue
+            for chosen in itertools.product(slots, repeat=len(redo)):
+                schedule = Schedule(problem.graph_hash, budget, kept, tuple(zip(redo, chosen)),
+                                    0, 0.0, "heuristic")
+                try:
+                    program = build_program(problem, schedule)
+                except ScheduleError:
+                    continue
+                if simulate(problem, program).peak <= budget:
+                    cost = sum(structure.cost[a] for a in redo)
+                    best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_optimum_equals_brute_force(seed):
+    problem = random_problem(5, seed=seed)
+    assert len(problem.nodes) <= 13
+    high = keep_all(problem).predicted_peak
+    least, _ = minimum_budget(problem, time_limit=5)
+    low = least.budget
+    for budget in sorted({high, (high + low) // 2, low}):
+        expected = brute_force(problem, budget)
+        schedule = solve(problem, budget, time_limit=5)
+        assert schedule.status == "optimal"
+        assert schedule.predicted_peak <= budget
+        assert schedule.predicted_overhead == pytest.approx(expected, abs=1e-9)
+    assert brute_force(problem, low - 1) is None
+    with pytest.raises(InfeasibleBudgetError) as error:
+        solve(problem, low - 1, time_limit=5)
+    assert error.value.minimum == low
+    assert f"{low} bytes" in str(error.value)
+
+
+def test_large_problem_returns_within_time_limit():
+    problem = random_problem(300, seed=7)
+    assert len(problem.nodes) >= 500
+    least, _ = minimum_budget(problem, time_limit=5)
+    budget = (least.budget + keep_all(problem).predicted_peak) // 2
+    started = time.perf_counter()
+    schedule = solve(problem, budget, time_limit=6)
+    assert time.perf_counter() - started < 6 + 3  # the limit, plus model building
+    assert schedule.predicted_peak <= budget
+    assert schedule.status in ("optimal", "feasible", "heuristic")
+
+
+def hand_built() -> Problem:
+    """x → a → b → out, backward reads a and b; sizes 1, 10, 20, 1 (+ tangent 1, grads)."""
+    sizes = (1, 10, 20, 1, 1, 5, 2)
+    nodes = (
+        Node("x", "input", "input", (), (0,), (0,), recomputable=False),
+        Node("a", "op", "forward", (0,), (1,), (1,), time=1.0),
+        Node("b", "op", "forward", (1,), (2,), (2,), time=2.0),
+        Node("out", "op", "forward", (2,), (3,), (3,), time=0.1, is_output=True),
+        Node("tangent", "input", "tangent", (), (4,), (4,), recomputable=False),
+        Node("grad_b", "op", "backward", (4, 2), (5,), (5,), time=1.0),
+        Node("grad_a", "op", "backward", (5, 1), (6,), (6,), time=1.0, is_output=True),
+    )
+    return Problem(nodes, sizes, structure_hash(nodes, sizes), "hand")
+
+
+def test_simulator_on_a_hand_built_graph():
+    problem = hand_built()
+    # Keep everything: forward peak at b is x+a+b = 31, then out: 32. Backward at
+    # grad_b: x, a, b, out, tangent, grad_b = 1+10+20+1+1+5 = 38.
+    everything = keep_all(problem)
+    assert everything.kept == (1, 2)
+    assert everything.predicted_peak == 38
+    # grad_b does not read a: keeping b and recomputing a (1 s) after grad_b
+    # leaves x, b, out, tangent, grad_b = 28 there; the forward's x+a+b = 31 is
+    # then the peak, and no schedule goes below it.
+    schedule = solve(problem, 37, time_limit=2)
+    assert schedule.kept == (2,)
+    assert schedule.recompute == ((1, 1),)
+    assert schedule.predicted_peak == 31
+    assert schedule.predicted_overhead == 1.0
+    with pytest.raises(InfeasibleBudgetError) as error:
+        solve(problem, 30, time_limit=2)
+    assert error.value.minimum == 31
+
+
+def test_problem_and_schedule_round_trip(tmp_path):
+    problem = random_problem(20, seed=3)
+    problem.save(tmp_path / "p.json")
+    loaded = Problem.load(tmp_path / "p.json")
+    assert loaded == problem
+    budget = (minimum_budget(problem, 3)[0].budget + keep_all(problem).predicted_peak) // 2
+    schedule = solve(problem, budget, time_limit=3)
+    schedule.save(tmp_path / "s.json")
+    assert Schedule.load(tmp_path / "s.json", problem) == schedule
+
+
+def test_corrupt_files_are_refused_with_the_field(tmp_path):
+    problem = random_problem(10, seed=1)
+    path = tmp_path / "p.json"
+    problem.save(path)
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(ProblemFileError, match="not valid JSON"):
+        Problem.load(path)
+    data = json.loads(text)
+    data["nodes"][3]["time"] = "fast"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProblemFileError, match=r"nodes\[3\]\.time"):
+        Problem.load(path)
+    data = json.loads(text)
+    data["storage_bytes"][0] += 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProblemFileError, match="graph_hash"):
+        Problem.load(path)
+
+
+def test_schedule_for_another_graph_is_refused(tmp_path):
+    one, other = random_problem(10, seed=1), random_problem(10, seed=2)
+    schedule = keep_all(one)
+    schedule.save(tmp_path / "s.json")
+    with pytest.raises(ProblemFileError, match="graph_hash"):
+        Schedule.load(tmp_path / "s.json", other)
