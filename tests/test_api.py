@@ -171,3 +171,29 @@ def test_report_as_text_and_dict():
     assert data["measured_peak"] <= data["budget"]
     text = str(report)
     assert "measured peak" in text and "torch.profiler" in text
+
+
+def test_second_optimize_uses_the_profile_cache(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    x = torch.randn(32, 16)
+    cache = str(tmp_path / "profile.json")
+    first = monet.optimize(model, 1.0, (x,), measure=False, profile_cache=cache)
+    assert first.last_plan.problem.meta["profiled_ops"] > 0
+    second = monet.optimize(model, 1.0, (x,), measure=False, profile_cache=cache)
+    assert second.last_plan.problem.meta["profiled_ops"] == 0
+    assert second.last_plan.problem.meta["cached_ops"] == first.last_plan.problem.meta[
+        "profiled_ops"
+    ]
+
+
+def test_a_corrupt_profile_cache_is_rebuilt(tmp_path):
+    cache = tmp_path / "profile.json"
+    cache.write_text('{"version": 1, "entries": {"x": [1.0')
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.warns(UserWarning, match="ignoring the profile cache"):
+        optimized = monet.optimize(
+            model, 1.0, (torch.randn(2, 4),), measure=False, profile_cache=str(cache)
+        )
+    assert optimized.last_plan.problem.meta["profiled_ops"] > 0
+    assert '"version":1' in cache.read_text().replace(" ", "")

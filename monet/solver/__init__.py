@@ -9,7 +9,7 @@ whose ``predicted_peak`` is the simulator's peak for that schedule.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from monet.simulate import simulate
 from monet.solver.ilp import analyse, solve_cpsat
@@ -109,6 +109,14 @@ def solve(
     # schedule is a feasible start for the time objective (CP-SAT struggles to
     # find a first feasible point under a tight budget on its own).
     least, lower = minimum_budget(problem, max(0.5, 0.5 * time_limit), stop_at=budget)
+    if least.budget > budget and least.status != "optimal" and lower <= budget:
+        # Not proven impossible: keep looking for any schedule that fits.
+        remaining = max(0.5, time_limit - (time.perf_counter() - started))
+        least, lower = minimum_budget(problem, remaining, stop_at=budget)
+        if least.budget > budget and lower <= budget and least.status != "optimal":
+            raise InfeasibleBudgetError(
+                budget, least.budget, lower, searched=time.perf_counter() - started
+            )
     if least.budget > budget:
         raise InfeasibleBudgetError(budget, least.budget, lower)
     remaining = max(0.5, time_limit - (time.perf_counter() - started))

@@ -22,10 +22,26 @@ STATUSES = ("optimal", "feasible", "heuristic", "infeasible")
 class InfeasibleBudgetError(ValueError):
     """No schedule fits the budget; says the smallest budget that does."""
 
-    def __init__(self, budget: int, minimum: int | None, lower_bound: int | None = None):
+    def __init__(
+        self,
+        budget: int,
+        minimum: int | None,
+        lower_bound: int | None = None,
+        searched: float | None = None,
+    ):
         self.budget = budget
         self.minimum = minimum
         self.lower_bound = lower_bound
+        self.proven = searched is None
+        if searched is not None:
+            # The solver ran out of time before settling it: say exactly that.
+            super().__init__(
+                f"no schedule within budget {format_bytes(budget)} ({budget} bytes) was found "
+                f"in {searched:.1f} s; the smallest found is {format_bytes(minimum or 0)} "
+                f"({minimum} bytes) and none below {format_bytes(lower_bound or 0)} can work. "
+                "Raise the time limit or the budget."
+            )
+            return
         if minimum is None:
             detail = "and no feasible budget was found within the time limit"
         else:
