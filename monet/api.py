@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +31,11 @@ def parse_budget(budget: Any) -> tuple[str, float]:
     An int is bytes; a float in (0, 1] is a fraction of the unoptimised step's
     peak; a string is a number with a unit (``"6GiB"``, ``"512MB"``, ``"300 MiB"``).
     """
+    # Every malformed budget is a ValueError, whatever its type: one thing to catch.
     if isinstance(budget, bool):
-        raise ValueError(f"budget must be bytes, a fraction or a string with units, not {budget!r}")
+        raise ValueError(  # noqa: TRY004
+            f"budget must be bytes, a fraction or a string with units, not {budget!r}"
+        )
     if isinstance(budget, int):
         if budget <= 0:
             raise ValueError(f"budget must be a positive number of bytes, not {budget}")
@@ -194,7 +198,7 @@ class OptimizedModule(MonetModule):
 
 def optimize(
     model: nn.Module,
-    budget: int | float | str,
+    budget: float | str,
     example_inputs: tuple | None = None,
     example_kwargs: dict | None = None,
     *,

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -83,7 +84,7 @@ def compile_step(
     """
     from functorch.compile import aot_function, make_boxed_func
 
-    tensors, leaves, spec, names = flat_tensors(model, args, kwargs)
+    _, leaves, spec, names = flat_tensors(model, args, kwargs)
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     state: dict[str, Any] = {}
 
@@ -179,7 +180,7 @@ def _explain_failures():
         if type(error).__module__.startswith("monet"):
             raise
         raise _capture_error(error) from error
-    except Exception as error:  # noqa: BLE001 - every tracing failure gets the same treatment
+    except Exception as error:
         raise _capture_error(error) from error
 
 
@@ -205,6 +206,6 @@ def _capture_error(error: BaseException) -> BaseException:
 
 def _op_in_message(message: str) -> str:
     for word in message.replace("(", " ").replace(")", " ").replace(",", " ").split():
-        if word.startswith("aten.") or word.startswith("aten::"):
+        if word.startswith(("aten.", "aten::")):
             return word.rstrip(".:")
     return ""

@@ -23,7 +23,7 @@ class LoweringError(RuntimeError):
 
 def release(*values: object) -> None:
     """Holds ``values`` alive until this point of the backward graph; frees nothing itself."""
-    return None
+    return
 
 
 def lower(analysed: AnalysedGraph, program: Program) -> tuple[fx.GraphModule, fx.GraphModule]:

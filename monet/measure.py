@@ -45,6 +45,7 @@ Limits:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -317,7 +318,9 @@ def measure_peak_memory(
         if use_profiler:
             # CPU activity only: the [memory] events come from the allocators
             # either way, and CUDA kernel tracing would only add overhead.
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with quiet_profiler(), profile(
+                activities=[ProfilerActivity.CPU], profile_memory=True
+            ) as prof:
                 with record_function(_START_MARK):
                     pass
                 step()
@@ -469,3 +472,22 @@ def rss_peak_subprocess(code: str, mmap_threshold: int = 65536, timeout: float =
     result = json.loads(lines[-1].split(" ", 1)[1])
     result["delta"] = result["peak_rss"] - result["baseline_rss"]
     return result
+
+
+@contextlib.contextmanager
+def quiet_profiler():
+    """Kineto prints start/stop lines on the process's stderr; keep them off the user's."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        sys.stderr.flush()
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -10,7 +10,6 @@ its outputs while it runs) is read from the profiler's allocator events.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +24,7 @@ import torch
 from torch import fx
 
 from monet.graph import AnalysedGraph
+from monet.measure import quiet_profiler
 from monet.solver.problem import Problem, write_json_atomic
 
 CACHE_VERSION = 1
@@ -239,7 +239,8 @@ def _workspace_pass(analysed, primals, device, wanted: set[int]) -> dict[int, in
     """Bytes each wanted node allocates beyond its outputs, from allocator events."""
     if device.type == "cuda":
         return _cuda_workspaces(analysed, primals, device, wanted)
-    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
 
     def visit(i: int, node: fx.Node, args: Any, kwargs: Any) -> Any:
         if i not in wanted:
@@ -247,7 +248,7 @@ def _workspace_pass(analysed, primals, device, wanted: set[int]) -> dict[int, in
         with record_function(f"monet::node{i}"):
             return node.target(*args, **kwargs)
 
-    with _quiet_profiler(), torch_profile(
+    with quiet_profiler(), torch_profile(
         activities=[ProfilerActivity.CPU], profile_memory=True
     ) as prof:
         _execute(analysed, primals, device, visit)
@@ -297,22 +298,3 @@ def _cuda_workspaces(analysed, primals, device, wanted: set[int]) -> dict[int, i
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def _quiet_profiler():
-    """Kineto prints start/stop lines on the process's stderr; keep them off the user's."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        sys.stderr.flush()
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)

@@ -66,5 +66,5 @@ def resnet18(**overrides) -> ResNet:
           tags=("convnet",))
 def resnet_tiny_test(**overrides) -> ResNet:
     """Two stages of one block each at 32²: for unit tests."""
-    config = dict(widths=(8, 16), blocks=(1, 1), num_classes=10)
+    config = {"widths": (8, 16), "blocks": (1, 1), "num_classes": 10}
     return ResNet(**{**config, **overrides})

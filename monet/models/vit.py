@@ -91,7 +91,8 @@ def vit_s16(**overrides) -> VisionTransformer:
 @register("vit_small_demo", example_inputs=_images(64), default_batch=16, tags=("vit", "demo"))
 def vit_small_demo(**overrides) -> VisionTransformer:
     """The demo's default: a 6-block ViT on 64² images, a step of about a second on 2 cores."""
-    config = dict(image_size=64, patch_size=8, dim=192, depth=6, heads=3, num_classes=100)
+    config = {"image_size": 64, "patch_size": 8, "dim": 192, "depth": 6, "heads": 3,
+              "num_classes": 100}
     return VisionTransformer(**{**config, **overrides})
 
 
@@ -99,5 +100,6 @@ def vit_small_demo(**overrides) -> VisionTransformer:
           tags=("vit",))
 def vit_tiny_test(**overrides) -> VisionTransformer:
     """Two blocks, 16² images: for unit tests."""
-    config = dict(image_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=10)
+    config = {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "heads": 2,
+              "num_classes": 10}
     return VisionTransformer(**{**config, **overrides})
