@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from monet.simulate import simulate
+from monet.solver.heuristic import Candidate, best_within, least_peak, scan
 from monet.solver.ilp import analyse, solve_cpsat
 from monet.solver.problem import Node, Problem, ProblemFileError
 from monet.solver.program import Program, ScheduleError, build_program
@@ -31,6 +33,19 @@ __all__ = [
     "minimum_budget",
     "solve",
 ]
+
+BACKENDS = ("cpsat", "milp")
+
+
+def _backend(name: str):
+    """The exact solver function of a back end (both share one signature)."""
+    if name == "cpsat":
+        return solve_cpsat
+    if name == "milp":
+        from monet.solver.milp import solve_milp  # cvxpy is slow to import
+
+        return solve_milp
+    raise ValueError(f"unknown solver backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
 def _finish(
@@ -60,24 +75,49 @@ def keep_all(problem: Problem) -> Schedule:
     return _finish(problem, kept, (), None, "heuristic", "keep-all", 0.0)
 
 
+def _from_candidate(
+    problem: Problem, candidate: Candidate, budget: int | None, status: str, seconds: float
+) -> Schedule:
+    return Schedule(
+        problem.graph_hash, budget, candidate.kept, candidate.recompute, candidate.peak,
+        candidate.overhead, status, "heuristic", None, seconds,
+    )
+
+
 def minimum_budget(
-    problem: Problem, time_limit: float = 10.0, stop_at: int | None = None
+    problem: Problem,
+    time_limit: float = 10.0,
+    stop_at: int | None = None,
+    candidates: list[Candidate] | None = None,
+    backend: str = "cpsat",
 ) -> tuple[Schedule, int]:
     """The schedule of least peak found, and a lower bound on any schedule's peak.
 
-    With ``stop_at``, the search ends as soon as a schedule peaks at most that.
+    The schedule's ``budget`` is the smallest budget ``solve`` accepts for it.
+    With ``stop_at``, the search ends as soon as a schedule fits that.
     """
-    solution = solve_cpsat(problem, None, time_limit, stop_at=stop_at)
-    if solution.status not in ("optimal", "feasible"):
-        raise RuntimeError(f"the minimum-budget model found no schedule ({solution.status})")
-    # The schedule's budget is the capacity the solver certified for it: the
-    # smallest budget ``solve`` accepts for this schedule. Its simulated peak can
-    # be lower (the model sums the workspaces of recomputations in one slot).
+    started = time.perf_counter()
+    candidates = scan(problem) if candidates is None else candidates
+    start = least_peak(candidates)
+    if start is not None and stop_at is not None and start.peak <= stop_at:
+        return _from_candidate(problem, start, start.peak, "heuristic", 0.0), 0
+    hint = None if start is None else (start.kept, start.recompute)
+    remaining = max(0.5, time_limit - (time.perf_counter() - started))
+    solution = _backend(backend)(problem, None, remaining, hint=hint, stop_at=stop_at)
+    found = solution.status in ("optimal", "feasible")
+    lower = int(solution.bound or 0) if found else 0
+    seconds = time.perf_counter() - started
+    if not found or (start is not None and start.peak < (solution.capacity or 0)):
+        if start is None:
+            raise RuntimeError(f"the minimum-budget model found no schedule ({solution.status})")
+        return _from_candidate(problem, start, start.peak, "heuristic", seconds), lower
+    # CP-SAT's capacity is the budget it certified; the simulated peak can be
+    # lower (its model sums the workspaces of recomputations in one slot).
     schedule = _finish(
         problem, solution.kept, solution.recompute, solution.capacity, solution.status,
-        "cpsat-min-peak", None, solution.seconds,
+        f"{backend}-min-peak", None, seconds,
     )
-    return schedule, int(solution.bound or 0)
+    return schedule, lower
 
 
 def solve(
@@ -89,11 +129,14 @@ def solve(
 ) -> Schedule:
     """The schedule of least added time whose peak fits ``budget`` (default: the problem's).
 
+    The ranked-recomputation heuristic gives a feasible start in well under a
+    second; the exact back end (``"cpsat"``, OR-tools CP-SAT, or ``"milp"``,
+    HiGHS through cvxpy, for graphs up to a few hundred nodes) improves on it
+    within ``time_limit`` and bounds the gap.
     Raises :class:`InfeasibleBudgetError`, naming the smallest budget found
     feasible, when none fits.
     """
-    if backend != "cpsat":
-        raise ValueError(f"unknown solver backend {backend!r}; available: 'cpsat'")
+    exact = _backend(backend)
     budget = problem.budget if budget is None else budget
     if budget is None:
         raise ValueError("no budget: pass one or put it in the problem")
@@ -105,37 +148,47 @@ def solve(
             problem.graph_hash, budget, baseline.kept, (), baseline.predicted_peak, 0.0,
             "optimal", "keep-all", 0.0, time.perf_counter() - started,
         )
-    # Least peak first: it says at once whether the budget can be met, and its
-    # schedule is a feasible start for the time objective (CP-SAT struggles to
-    # find a first feasible point under a tight budget on its own).
-    least, lower = minimum_budget(problem, max(0.5, 0.5 * time_limit), stop_at=budget)
-    if least.budget > budget and least.status != "optimal" and lower <= budget:
-        # Not proven impossible: keep looking for any schedule that fits.
-        remaining = max(0.5, time_limit - (time.perf_counter() - started))
-        least, lower = minimum_budget(problem, remaining, stop_at=budget)
-        if least.budget > budget and lower <= budget and least.status != "optimal":
-            raise InfeasibleBudgetError(
-                budget, least.budget, lower, searched=time.perf_counter() - started
-            )
-    if least.budget > budget:
-        raise InfeasibleBudgetError(budget, least.budget, lower)
-    remaining = max(0.5, time_limit - (time.perf_counter() - started))
-    solution = solve_cpsat(
-        problem, budget, remaining, hint=(least.kept, least.recompute), log_callback=progress
-    )
-    if solution.status not in ("optimal", "feasible"):
-        return Schedule(
-            problem.graph_hash, budget, least.kept, least.recompute, least.predicted_peak,
-            least.predicted_overhead, "heuristic", "cpsat-min-peak", None,
-            time.perf_counter() - started,
+    candidates = scan(problem)
+    start = best_within(candidates, budget)
+    if start is not None:
+        fallback = _from_candidate(problem, start, budget, "heuristic", 0.0)
+    else:
+        # Nothing quick fits: search for any schedule that does, for up to half
+        # the time; it also says whether the budget can be met at all.
+        fallback, lower = minimum_budget(
+            problem, max(0.5, 0.5 * time_limit), stop_at=budget, candidates=candidates,
+            backend=backend,
         )
+        if fallback.budget > budget and fallback.status != "optimal" and lower <= budget:
+            # Not proven impossible: keep looking with the rest of the time.
+            remaining = max(0.5, time_limit - (time.perf_counter() - started))
+            fallback, lower = minimum_budget(problem, remaining, stop_at=budget,
+                                             candidates=candidates, backend=backend)
+            if fallback.budget > budget and lower <= budget and fallback.status != "optimal":
+                raise InfeasibleBudgetError(
+                    budget, fallback.budget, lower, searched=time.perf_counter() - started
+                )
+        if fallback.budget > budget:
+            raise InfeasibleBudgetError(budget, fallback.budget, lower)
+    remaining = max(0.5, time_limit - (time.perf_counter() - started))
+    solution = exact(
+        problem, budget, remaining, hint=(fallback.kept, fallback.recompute),
+        log_callback=progress,
+    )
+    seconds = time.perf_counter() - started
+    if solution.status not in ("optimal", "feasible"):
+        return replace(fallback, budget=budget, status="heuristic", solve_seconds=seconds)
     schedule = _finish(
-        problem, solution.kept, solution.recompute, budget, solution.status, "cpsat",
-        solution.bound, time.perf_counter() - started,
+        problem, solution.kept, solution.recompute, budget, solution.status, backend,
+        solution.bound, seconds,
     )
     if schedule.predicted_peak > budget:
         raise AssertionError(
             f"the solver's model admitted a schedule whose simulated peak "
             f"{schedule.predicted_peak} exceeds the budget {budget}: a bug in ilp.py"
         )
+    if fallback.predicted_overhead < schedule.predicted_overhead:
+        # CP-SAT stopped before matching its start point (hints are not binding).
+        return replace(fallback, budget=budget, status="feasible", bound=solution.bound,
+                       solve_seconds=seconds)
     return schedule

@@ -1,0 +1,105 @@
+"""A fast schedule for warm starts and for graphs too large to solve exactly.
+
+Like the knapsack of torch's memory-budget partitioner: recompute the ops that
+free the most bytes per second of recomputation first. Given which ops are
+recomputed, the rest of the schedule follows: every other storage the backward
+reads is kept, and each recomputation runs as late as possible (just before
+its first reader, or before the recomputation that needs it). Prefixes of the
+ranking are evaluated with the exact simulator, so every schedule this returns
+has a true peak, and the cheapest that fits the budget wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from monet.simulate import simulate
+from monet.solver.ilp import Structure, analyse
+from monet.solver.problem import Problem
+from monet.solver.program import ScheduleError, build_program, storage_owner
+from monet.solver.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kept: tuple[int, ...]
+    recompute: tuple[tuple[int, int], ...]
+    peak: int
+    overhead: float
+
+
+def schedule_for(
+    problem: Problem, structure: Structure, redo: set[int]
+) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None:
+    """Kept storages and as-late-as-possible slots when the ops in ``redo`` are recomputed.
+
+    None when a recomputation would need a value that may not be recomputed.
+    """
+    owner = storage_owner(problem)
+    redo = set(redo)
+    # A recomputed op reads its inputs again: an input whose op is recomputed is
+    # fine, any other must be kept. Storages no recomputation and no backward
+    # node reads are dropped.
+    needed = set(structure.first_read)
+    for a in redo:
+        needed.update(structure.recompute_reads[a])
+    kept = {s for s in needed if owner[s] not in redo}
+    if any(owner[s] not in structure.recomputable and owner[s] in redo for s in needed):
+        return None
+    slot: dict[int, int] = {}
+    readers: dict[int, list[int]] = {}
+    for w in redo:
+        for s in structure.recompute_reads[w]:
+            readers.setdefault(owner[s], []).append(w)
+    last = max(len(structure.backward) - 1, 0)
+    for a in sorted(redo, reverse=True):  # readers come later in the forward
+        candidates = [structure.first_read[s] for s in structure.outputs_of[a]
+                      if s in structure.first_read]
+        candidates += [slot[w] for w in readers.get(a, ()) if w in slot]
+        slot[a] = min(candidates) if candidates else last
+    return tuple(sorted(kept)), tuple(sorted(slot.items()))
+
+
+def ranking(problem: Problem, structure: Structure) -> list[int]:
+    """Recomputable ops whose outputs the backward reads, most bytes per second first."""
+    sizes = problem.storage_bytes
+    scored = []
+    for a in structure.recomputable:
+        freed = sum(sizes[s] for s in structure.outputs_of[a] if s in structure.first_read)
+        if freed:
+            scored.append((structure.cost[a] / freed, a))
+    return [a for _, a in sorted(scored)]
+
+
+def scan(problem: Problem, evaluations: int = 48) -> list[Candidate]:
+    """Schedules recomputing growing prefixes of the ranking, with their exact peaks."""
+    structure = analyse(problem)
+    order = ranking(problem, structure)
+    if not order:
+        return []
+    lengths = sorted({round(i * len(order) / (evaluations - 1)) for i in range(evaluations)})
+    result = []
+    for length in lengths:
+        redo = set(order[:length])
+        made = schedule_for(problem, structure, redo)
+        if made is None:
+            continue
+        kept, recompute = made
+        draft = Schedule(problem.graph_hash, None, kept, recompute, 0, 0.0, "heuristic")
+        try:
+            peak = simulate(problem, build_program(problem, draft)).peak
+        except ScheduleError:
+            continue
+        overhead = sum(structure.cost[a] for a, _ in recompute)
+        result.append(Candidate(kept, recompute, peak, overhead))
+    return result
+
+
+def best_within(candidates: list[Candidate], budget: int) -> Candidate | None:
+    """The cheapest candidate whose peak fits ``budget``."""
+    fitting = [c for c in candidates if c.peak <= budget]
+    return min(fitting, key=lambda c: (c.overhead, c.peak)) if fitting else None
+
+
+def least_peak(candidates: list[Candidate]) -> Candidate | None:
+    return min(candidates, key=lambda c: (c.peak, c.overhead)) if candidates else None
