@@ -21,6 +21,7 @@ from monet.solver import (
     minimum_budget,
     solve,
 )
+from monet.solver.bound import budget_lower_bound, time_lower_bound
 from monet.solver.ilp import analyse
 from monet.solver.problem import structure_hash
 from monet.solver.random_graphs import random_problem
@@ -66,6 +67,9 @@ def test_optimum_equals_brute_force(seed, backend):
         assert schedule.status in ("optimal", "heuristic") or schedule.gap == 0
         assert schedule.predicted_peak <= budget
         assert schedule.predicted_overhead == pytest.approx(expected, abs=1e-9)
+        assert time_lower_bound(problem, budget) <= expected + 1e-12
+        assert schedule.bound <= schedule.predicted_overhead + 1e-12
+    assert budget_lower_bound(problem) <= low
     assert brute_force(problem, low - 1) is None
     with pytest.raises(InfeasibleBudgetError) as error:
         solve(problem, low - 1, time_limit=5, backend=backend)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from monet.simulate import simulate
+from monet.solver.bound import budget_lower_bound, time_lower_bound
 from monet.solver.heuristic import Candidate, best_within, least_peak, scan
 from monet.solver.ilp import analyse, solve_cpsat
 from monet.solver.problem import Node, Problem, ProblemFileError
@@ -100,12 +101,14 @@ def minimum_budget(
     candidates = scan(problem) if candidates is None else candidates
     start = least_peak(candidates)
     if start is not None and stop_at is not None and start.peak <= stop_at:
-        return _from_candidate(problem, start, start.peak, "heuristic", 0.0), 0
+        return _from_candidate(problem, start, start.peak, "heuristic", 0.0), budget_lower_bound(
+            problem
+        )
     hint = None if start is None else (start.kept, start.recompute)
     remaining = max(0.5, time_limit - (time.perf_counter() - started))
     solution = _backend(backend)(problem, None, remaining, hint=hint, stop_at=stop_at)
     found = solution.status in ("optimal", "feasible")
-    lower = int(solution.bound or 0) if found else 0
+    lower = max(int(solution.bound or 0) if found else 0, budget_lower_bound(problem))
     seconds = time.perf_counter() - started
     if not found or (start is not None and start.peak < (solution.capacity or 0)):
         if start is None:
@@ -176,12 +179,20 @@ def solve(
         log_callback=progress,
     )
     seconds = time.perf_counter() - started
+    # The solver's own bound is weak on large graphs (CP-SAT's relaxation of a
+    # cumulative constraint); the knapsack bound is cheap and often stronger.
+    bound = max(solution.bound or 0.0, time_lower_bound(problem, budget))
+    # Rounding to integer nanoseconds can lift the solver's bound a hair above
+    # the true optimum; it never exceeds the best schedule found.
+    bound = min(bound, fallback.predicted_overhead)
     if solution.status not in ("optimal", "feasible"):
-        return replace(fallback, budget=budget, status="heuristic", solve_seconds=seconds)
+        return replace(fallback, budget=budget, status="heuristic", bound=bound,
+                       solve_seconds=seconds)
     schedule = _finish(
         problem, solution.kept, solution.recompute, budget, solution.status, backend,
-        solution.bound, seconds,
+        bound, seconds,
     )
+    schedule = replace(schedule, bound=min(bound, schedule.predicted_overhead))
     if schedule.predicted_peak > budget:
         raise AssertionError(
             f"the solver's model admitted a schedule whose simulated peak "
@@ -189,6 +200,6 @@ def solve(
         )
     if fallback.predicted_overhead < schedule.predicted_overhead:
         # CP-SAT stopped before matching its start point (hints are not binding).
-        return replace(fallback, budget=budget, status="feasible", bound=solution.bound,
+        return replace(fallback, budget=budget, status="feasible", bound=bound,
                        solve_seconds=seconds)
     return schedule

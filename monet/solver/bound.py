@@ -1,0 +1,89 @@
+"""A cheap, valid lower bound on the recomputation time any schedule needs.
+
+At a point ``p`` of the step, keeping everything puts ``M(p)`` bytes live. Any
+other schedule has the same fixed part there, and every storage that
+keep-everything holds at ``p`` is either kept (live at least as long) or its
+op is recomputed; so its memory at ``p`` is at least ``M(p) − Σ_a b_a(p)·x_a``
+over the recomputed ops ``a``, where ``b_a(p)`` is the bytes of ``a``'s outputs
+that keep-everything holds at ``p``. Fitting ``budget`` therefore needs
+``Σ_a b_a(p)·x_a ≥ M(p) − budget`` at every ``p``, and the cheapest such
+``x`` (a fractional knapsack per point; the largest over points) bounds the
+added time from below. The same inequality with every op recomputed bounds
+the smallest feasible budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+from monet.solver.ilp import Structure, analyse
+from monet.solver.problem import Problem
+from monet.solver.program import storage_owner
+
+
+def _keep_all_profile(
+    problem: Problem, structure: Structure
+) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """Memory at every point when everything read is kept, and each kept interval."""
+    n_forward = len(structure.forward)
+    delta = [0] * (structure.points + 1)
+    spans: dict[int, tuple[int, int]] = {}
+    for s in structure.decision_storages:
+        if s not in structure.first_read:
+            continue
+        start = structure.forward_death[s] + 1
+        stop = n_forward + 2 * structure.last_read[s] + 1
+        spans[s] = (start, stop)
+        delta[start] += problem.storage_bytes[s]
+        delta[stop + 1] -= problem.storage_bytes[s]
+    level, running = [], 0
+    for p in range(structure.points):
+        running += delta[p]
+        level.append(structure.fixed[p] + running)
+    return level, spans
+
+
+def time_lower_bound(problem: Problem, budget: int, points: int = 32) -> float:
+    """Seconds of recomputation every schedule within ``budget`` needs at least
+    (``inf`` when none can fit)."""
+    structure = analyse(problem)
+    level, spans = _keep_all_profile(problem, structure)
+    owner = storage_owner(problem)
+    worst = sorted(range(len(level)), key=lambda p: level[p], reverse=True)[:points]
+    bound = 0.0
+    for p in worst:
+        excess = level[p] - budget
+        if excess <= 0:
+            break
+        freed: dict[int, int] = {}
+        for s, (start, stop) in spans.items():
+            if start <= p <= stop and owner[s] in structure.recomputable:
+                freed[owner[s]] = freed.get(owner[s], 0) + problem.storage_bytes[s]
+        cost = 0.0
+        for a in sorted(freed, key=lambda a: structure.cost[a] / freed[a]):
+            take = min(1.0, excess / freed[a])
+            cost += take * structure.cost[a]
+            excess -= take * freed[a]
+            if excess <= 0:
+                break
+        if excess > 0:
+            return math.inf
+        bound = max(bound, cost)
+    return bound
+
+
+def budget_lower_bound(problem: Problem) -> int:
+    """Bytes below which no schedule can fit, whatever it recomputes."""
+    structure = analyse(problem)
+    level, spans = _keep_all_profile(problem, structure)
+    owner = storage_owner(problem)
+    delta = [0] * (len(level) + 1)
+    for s, (start, stop) in spans.items():
+        if owner[s] in structure.recomputable:
+            delta[start] += problem.storage_bytes[s]
+            delta[stop + 1] -= problem.storage_bytes[s]
+    floor, reducible = 0, 0
+    for p, memory in enumerate(level):
+        reducible += delta[p]
+        floor = max(floor, memory - reducible)
+    return floor
