@@ -1,6 +1,6 @@
 """Checkpointing frontier: predicted vs measured peak, step time and gradients against budget.
 
-    python benchmarks/checkpoint_frontier.py [--models vit_small_demo resnet18:4:112]
+    python benchmarks/checkpoint_frontier.py [--models vit_small_demo resnet18:16:112]
         [--budgets 1.0,0.7,0.5,min] [--time-limit 20] [--timing-repeats 5] [--threads N]
     monet bench [same arguments]
 
@@ -43,7 +43,7 @@ from monet.cli import classification_labels, markdown_table, training_loss
 from monet.solver import Problem, format_bytes, keep_all, minimum_budget
 
 MIB = 2**20
-DEFAULT_MODELS = ["vit_small_demo", "resnet18:4:112"]
+DEFAULT_MODELS = ["vit_small_demo", "resnet18:16:112"]
 DEFAULT_BUDGETS = "1.0,0.7,0.5,min"
 RESULTS = Path(__file__).resolve().parent / "results"
 RTOL, ATOL = 1e-5, 1e-6
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="checkpoint_frontier",
         description=__doc__.splitlines()[0],
-        epilog="Models are NAME[:BATCH[:IMAGE]]: resnet18:4:112 feeds resnet18 4 images of 112².",
+        epilog="Models are NAME[:BATCH[:IMAGE]]: resnet18:16:112 feeds resnet18 16 images of 112².",
     )
     parser.add_argument("--models", nargs="+", type=Case.parse,
                         default=[Case.parse(m) for m in DEFAULT_MODELS],
