@@ -49,6 +49,8 @@ class Structure:
     last_read: dict[int, int]
     recompute_reads: dict[int, list[int]]
     """Op → decision storages its recomputation reads."""
+    readers: dict[int, list[int]]
+    """Decision storage → the ops whose recomputation reads it."""
     recomputable: set[int]
     cost: dict[int, float]
     """Op → seconds to recompute it (its owned views included)."""
@@ -105,8 +107,6 @@ def analyse(problem: Problem) -> Structure:
             if s in pinned:
                 add(f_pos[i], end_point, sizes[s])
         fixed[f_pos[i]] += n.workspace
-        for k in n.inputs:
-            pass
     for s in decision:
         add(f_pos[owner[s]], forward_death[s], sizes[s])
     # Backward: storages allocated by backward nodes are fixed; reads of forward
@@ -143,6 +143,10 @@ def analyse(problem: Problem) -> Structure:
             if nodes[k].phase == "forward":
                 reads.update(s for s in nodes[k].storages if s in decision_set)
         recompute_reads[a] = sorted(reads)
+    readers: dict[int, list[int]] = {}
+    for a in ops:
+        for s in recompute_reads[a]:
+            readers.setdefault(s, []).append(a)
     cost = {a: 0.0 for a in ops}
     for i in forward:
         if i in owner_of and owner_of[i] in cost:
@@ -151,7 +155,7 @@ def analyse(problem: Problem) -> Structure:
     workspace = {a: nodes[a].workspace for a in ops}
     return Structure(
         forward, backward, points, fixed, decision, ops, outputs_of, forward_death,
-        first_read, last_read, recompute_reads, recomputable, cost, workspace,
+        first_read, last_read, recompute_reads, readers, recomputable, cost, workspace,
     )
 
 
@@ -205,10 +209,7 @@ def solve_cpsat(
         reads = [st.first_read[s] for s in st.outputs_of[a] if s in st.first_read]
         upper = min(reads) if reads else max(len(st.backward) - 1, 0)
         slot[a] = model.NewIntVar(0, upper, f"slot{a}")
-    readers: dict[int, list[int]] = {}
-    for a in st.ops:
-        for s in st.recompute_reads[a]:
-            readers.setdefault(s, []).append(a)
+    readers = st.readers
     owner = storage_owner(problem)
     end = {}
     for s in st.decision_storages:
@@ -221,7 +222,7 @@ def solve_cpsat(
         if needed:
             model.AddBoolOr([keep[s], redo[a]])
         elif s in readers:
-            model.AddBoolOr([r for r in (redo[w] for w in readers[s])]).OnlyEnforceIf(keep[s])
+            model.AddBoolOr([redo[w] for w in readers[s]]).OnlyEnforceIf(keep[s])
         else:
             model.Add(keep[s] == 0)
         if not backward_points:

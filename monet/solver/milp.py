@@ -117,7 +117,7 @@ def model_profile(
     st = analyse(problem) if structure is None else structure
     owner = storage_owner(problem)
     sizes = problem.storage_bytes
-    readers = _readers(st)
+    readers = st.readers
     kept_set, slot_of = set(kept), dict(recompute)
     n_forward = len(st.forward)
     profile = list(st.fixed)
@@ -135,15 +135,6 @@ def model_profile(
     for a, j in slot_of.items():
         profile[n_forward + 2 * j] += st.workspace[a]
     return profile
-
-
-def _readers(st: Structure) -> dict[int, list[int]]:
-    """Decision storage → the ops whose recomputation reads it."""
-    readers: dict[int, list[int]] = {}
-    for a in st.ops:
-        for s in st.recompute_reads[a]:
-            readers.setdefault(s, []).append(a)
-    return readers
 
 
 def solve_milp(
@@ -170,7 +161,7 @@ def solve_milp(
                         time.perf_counter() - started)
     sizes = problem.storage_bytes
     owner = storage_owner(problem)
-    readers = _readers(st)
+    readers = st.readers
     n_forward, n_backward = len(st.forward), len(st.backward)
     backward_points = 2 * n_backward
     m = _Model()
