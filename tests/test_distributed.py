@@ -1,0 +1,242 @@
+"""monet under torch.distributed on CPU: DDP and FSDP2 over two gloo ranks (loopback only).
+
+One spawn runs every scenario on both ranks, each rank on its own data; the
+ranks save what they saw to files and the tests compare them here:
+
+- ``DistributedDataParallel(monet.optimize(model, 0.8, (x,)))`` against DDP over
+  the eager model with the same weights: the same gradients on every rank, at
+  every step, with a plan that recomputes something;
+- the same with the plan made lazily, on the first call inside DDP's forward;
+- FSDP2 ``fully_shard`` over the module ``optimize`` returns, against
+  ``fully_shard`` over the eager model;
+- ``fully_shard`` applied to the model first and ``optimize`` over it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import monet
+
+WORLD = 2
+STEPS = 2
+BATCH = 256
+SPAWN_TIMEOUT = 120
+
+
+class MLP(nn.Module):
+    """Two linear layers around a LayerNorm, a ReLU and a dropout of p=0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 64)
+        self.norm = nn.LayerNorm(64)
+        self.dropout = nn.Dropout(0.0)
+        self.fc2 = nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.fc2(self.dropout(torch.relu(self.norm(self.fc1(x)))))
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def _train(wrapped: nn.Module, model: nn.Module, batches: list[torch.Tensor]) -> dict:
+    """STEPS SGD steps; per step the full gradients, then the final parameters."""
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    grads = []
+    for x in batches:
+        optimizer.zero_grad(set_to_none=True)
+        wrapped(x).square().mean().backward()
+        grads.append({n: _full(p.grad) for n, p in model.named_parameters()})
+        optimizer.step()
+    params = {n: _full(p) for n, p in model.named_parameters()}
+    return {"grads": grads, "params": params}
+
+
+def _plan_info(optimized: monet.OptimizedModule) -> dict:
+    return {
+        "plans": len(optimized.plans),
+        "recomputed": [len(p.schedule.recompute) for p in optimized.plans.values()],
+    }
+
+
+def _scenario(name: str, rank: int, results: dict, run) -> None:
+    try:
+        results[name] = run()
+    except Exception as error:  # noqa: BLE001 (recorded, compared in the parent)
+        results[name] = {
+            "error_type": f"{type(error).__module__}.{type(error).__qualname__}",
+            "error": str(error),
+            "traceback": traceback.format_exc(),
+        }
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # One profile cache per rank (see the note on shared caches in the report).
+    os.environ["MONET_CACHE_DIR"] = os.path.join(out, f"cache{rank}")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    batches = [torch.randn(BATCH, 16, generator=generator) for _ in range(STEPS)]
+
+    def pair() -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(0)
+        model = MLP()
+        return model, copy.deepcopy(model)
+
+    results: dict = {}
+
+    def ddp_eager():
+        _, reference = pair()
+        return _train(DDP(reference), reference, batches)
+
+    def ddp_monet(lazy: bool):
+        def run():
+            model, _ = pair()
+            example = None if lazy else (batches[0],)
+            optimized = monet.optimize(model, 0.8, example, measure=False, time_limit=5)
+            trained = _train(DDP(optimized), model, batches)
+            return {**trained, **_plan_info(optimized)}
+        return run
+
+    def fsdp_eager():
+        _, reference = pair()
+        return _train(fully_shard(reference), reference, batches)
+
+    def fsdp_monet():
+        model, _ = pair()
+        optimized = monet.optimize(model, 0.8, (batches[0],), measure=False, time_limit=5)
+        trained = _train(fully_shard(optimized), model, batches)
+        return {**trained, **_plan_info(optimized)}
+
+    def fsdp_inside():
+        model, _ = pair()
+        fully_shard(model)
+        optimized = monet.optimize(model, 0.8, (batches[0],), measure=False, time_limit=5)
+        return _train(optimized, model, batches)
+
+    _scenario("ddp_eager", rank, results, ddp_eager)
+    _scenario("ddp_monet", rank, results, ddp_monet(lazy=False))
+    _scenario("ddp_monet_lazy", rank, results, ddp_monet(lazy=True))
+    _scenario("fsdp_eager", rank, results, fsdp_eager)
+    _scenario("fsdp_monet", rank, results, fsdp_monet)
+    _scenario("fsdp_inside", rank, results, fsdp_inside)  # last: it fails part-way
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("distributed")
+    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD}-rank run did not finish in {SPAWN_TIMEOUT} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _ok(result: dict) -> dict:
+    assert "error" not in result, f"{result['error_type']}: {result['error']}\n{result['traceback']}"
+    return result
+
+
+def _assert_same(actual: dict, expected: dict) -> None:
+    for step, (got, want) in enumerate(zip(actual["grads"], expected["grads"], strict=True)):
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, s=step, n=name: f"step {s} grad {n}: {m}")
+    for name in expected["params"]:
+        torch.testing.assert_close(actual["params"][name], expected["params"][name],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_saw_different_data_and_reduced_their_gradients(ranks):
+    # All-reduced gradients agree across ranks; the ranks' data differ, so a
+    # missing all-reduce would show.
+    for scenario in ("ddp_eager", "ddp_monet", "fsdp_eager", "fsdp_monet"):
+        first, second = (_ok(r[scenario]) for r in ranks)
+        _assert_same(first, second)
+
+
+@pytest.mark.parametrize("scenario", ["ddp_monet", "ddp_monet_lazy"])
+def test_ddp_over_monet_matches_ddp_over_eager(ranks, scenario):
+    for rank in ranks:
+        result = _ok(rank[scenario])
+        assert result["plans"] == 1
+        assert result["recomputed"][0] > 0, "the 0.8 plan should recompute something"
+        _assert_same(result, _ok(rank["ddp_eager"]))
+
+
+def test_fsdp2_over_monet_matches_fsdp2_over_eager(ranks):
+    # fully_shard on the module optimize returns: FSDP's pre-forward hook
+    # all-gathers the parameters into the wrapped model, whose plan (same
+    # shapes, same signature) runs on them; the gradients reduce-scatter as usual.
+    for rank in ranks:
+        result = _ok(rank["fsdp_monet"])
+        assert result["plans"] == 1 and result["recomputed"][0] > 0
+        _assert_same(result, _ok(rank["fsdp_eager"]))
+
+
+class KnownFSDPFailure(Exception):
+    """The failure the xfail below documents, raised only when it is exactly that one."""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=KnownFSDPFailure,
+    reason="optimize over a model already under fully_shard: AOTAutograd traces the model's "
+    "FSDP pre-forward hook, whose fsdp.all_gather_copy_in reads the real sharded parameters "
+    "FSDP holds, not the traced ones, and FakeTensorMode raises a bare AssertionError "
+    "('Please convert all Tensors to FakeTensors first ...'); monet/capture.py does not "
+    "detect FSDP modules, so no CaptureError says to apply fully_shard after optimize",
+)
+def test_optimize_over_a_fully_sharded_model_says_what_to_do(ranks):
+    for rank in ranks:
+        result = rank["fsdp_inside"]
+        if (
+            result.get("error_type") == "builtins.AssertionError"
+            and "Please convert all Tensors to FakeTensors first" in result["error"]
+            and "fsdp.all_gather_copy_in" in result["error"]
+        ):
+            raise KnownFSDPFailure(result["error"][:300])
+        # Fixed either way: it works, or it fails with a monet error naming fully_shard.
+        if "error" in result:
+            assert result["error_type"].startswith("monet."), result["traceback"]
+            assert "fully_shard" in result["error"]
+        else:
+            _assert_same(result, _ok(rank["fsdp_eager"]))
