@@ -37,8 +37,8 @@ def parse_budget(budget: Any) -> tuple[str, float]:
             f"budget must be bytes, a fraction or a string with units, not {budget!r}"
         )
     if isinstance(budget, int):
-        if budget <= 0:
-            raise ValueError(f"budget must be a positive number of bytes, not {budget}")
+        if not 0 < budget < 2**62:
+            raise ValueError(f"budget must be a positive number of bytes below 2**62, not {budget}")
         return "bytes", float(budget)
     if isinstance(budget, float):
         if not math.isfinite(budget) or not 0 < budget <= 1:
@@ -58,7 +58,7 @@ def parse_budget(budget: Any) -> tuple[str, float]:
                 "use B, KB, MB, GB, KiB, MiB or GiB"
             )
         value = number * _UNITS[unit]
-        if not math.isfinite(value) or value < 1:
+        if not math.isfinite(value) or not 1 <= value < 2**62:
             raise ValueError(f"budget {budget!r} is not a positive size")
         return "bytes", float(int(value))
     raise ValueError(f"budget must be bytes, a fraction or a string with units, not {budget!r}")

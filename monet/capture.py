@@ -84,6 +84,7 @@ def compile_step(
     """
     from functorch.compile import aot_function, make_boxed_func
 
+    _refuse_sharded(model)
     _, leaves, spec, names = flat_tensors(model, args, kwargs)
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     state: dict[str, Any] = {}
@@ -115,6 +116,20 @@ def compile_step(
             state.pop("real", None)
 
     return CompiledStep(call, positions, leaves, spec, names)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """FSDP2's hooks all-gather real shards, which cannot be traced with fake tensors."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise CaptureError(
+            "monet cannot capture a model already sharded with fully_shard (its hooks "
+            "all-gather real parameters while AOTAutograd traces with fake ones); apply "
+            "fully_shard to the module monet.optimize returns instead"
+        )
 
 
 def capture(model: nn.Module, *args: Any, **kwargs: Any) -> JointGraph:

@@ -1,10 +1,11 @@
-"""The ``monet`` command: ``demo``, ``profile``, ``solve`` and ``bench``.
+"""The ``monet`` command: ``demo``, ``profile``, ``solve``, ``bench`` and ``report``.
 
     monet demo                                   # optimise the embedded ViT, train 3 steps
     monet profile vit_small_demo -o problem.json # capture + profile a zoo model
     monet solve problem.json --budget 0.5 -o schedule.json
     monet solve problem.json --budget 0.5 --frontier 1.0,0.7,0.5
     monet bench --models vit_tiny_test           # benchmarks/checkpoint_frontier.py
+    monet report                                 # benchmarks/peers.py: monet beside its peers
 
 A budget is a fraction of the unoptimised peak (``0.5``), a number of bytes
 (``400000000``) or a size with a unit (``300MiB``, ``4GB``). Errors a user can
@@ -27,6 +28,7 @@ from typing import Any
 
 DEMO_MODEL = "vit_small_demo"
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "checkpoint_frontier.py"
+PEERS = BENCHMARK.with_name("peers.py")
 
 
 class CommandError(Exception):
@@ -393,14 +395,15 @@ def _is_number(text: str) -> bool:
 # -------------------------------------------------------------------- bench
 
 
-def load_benchmark() -> ModuleType:
-    """``benchmarks/checkpoint_frontier.py`` of the source tree monet runs from."""
-    if not BENCHMARK.is_file():
+def load_benchmark(path: Path = BENCHMARK) -> ModuleType:
+    """A benchmark script (default ``benchmarks/checkpoint_frontier.py``) of monet's source tree."""
+    if not path.is_file():
+        command = "report" if path == PEERS else "bench"
         raise CommandError(
-            f"{BENCHMARK} not found: `monet bench` needs monet's source tree "
+            f"{path} not found: `monet {command}` needs monet's source tree "
             "(pip install -e .)"
         )
-    spec = importlib.util.spec_from_file_location("checkpoint_frontier", BENCHMARK)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     # Registered before it runs: its dataclasses look their module up by name.
@@ -480,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run benchmarks/checkpoint_frontier.py (arguments pass through)",
     )
     bench.set_defaults(run=None)
+    report = commands.add_parser(
+        "report", add_help=False,
+        help="run benchmarks/peers.py: monet beside checkpoint, torch.compile and RevViT "
+             "(arguments pass through)",
+    )
+    report.set_defaults(run=None)
     return parser
 
 
@@ -488,8 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        if args.command == "bench":
-            return int(load_benchmark().main(extra) or 0)
+        if args.command in ("bench", "report"):
+            script = BENCHMARK if args.command == "bench" else PEERS
+            return int(load_benchmark(script).main(extra) or 0)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "solve" and args.frontier and args.output is not None:

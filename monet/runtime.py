@@ -12,6 +12,7 @@ or under ``torch.no_grad()`` the wrapped module runs as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -65,7 +66,12 @@ def signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
         for name, p in model.named_parameters()
     )
     buffers = tuple((name, b.dtype, str(b.device), tuple(b.shape)) for name, b in model.named_buffers())
-    return (str(spec), tuple(describe(x) for x in leaves), params, buffers)
+    # Autocast changes the captured graph (casts, dtypes of saved values).
+    autocast = tuple(
+        (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+    )
+    return (str(spec), tuple(describe(x) for x in leaves), params, buffers, autocast)
 
 
 def backward_step(
@@ -207,6 +213,9 @@ class MonetModule(nn.Module):
             t = time.perf_counter()
             if self._schedule_path is not None:
                 schedule = Schedule.load(self._schedule_path, problem)
+                if schedule.predicted_peak > resolved:
+                    raise InfeasibleBudgetError(resolved, schedule.predicted_peak)
+                schedule = dataclasses.replace(schedule, budget=resolved)
             else:
                 progress = (lambda line: print(line, file=sys.stderr)) if config.progress else None
                 schedule = solve(problem, resolved, config.time_limit, progress=progress)

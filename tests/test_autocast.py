@@ -3,9 +3,8 @@
 A plan made inside autocast traces autocast's casts into the graph; its
 outputs and gradients equal eager's under autocast bit for bit, with or
 without recomputation, whether the backward runs inside or outside the
-autocast region. The plan key (``monet.runtime.signature``) does not include
-the autocast state, so a plan made on one side of ``torch.autocast`` is reused
-on the other: the two strict xfails at the end pin what that does today.
+autocast region. The plan key (``monet.runtime.signature``) includes the
+autocast state, so each side of ``torch.autocast`` gets its own plan.
 """
 
 from __future__ import annotations
@@ -125,13 +124,6 @@ def test_planned_inside_autocast_equals_eager_under_autocast(name, budget, backw
         assert optimized.report().recomputed > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="monet/runtime.py signature() describes inputs, parameters and buffers but not "
-    "torch.is_autocast_enabled('cpu') / torch.get_autocast_dtype('cpu'): the cause of the "
-    "two xfails below",
-)
 def test_signature_tells_autocast_from_no_autocast():
     model, _, x = _pair("mlp")
     outside = signature(model, (x,), {})
@@ -140,15 +132,6 @@ def test_signature_tells_autocast_from_no_autocast():
     assert inside != outside
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="monet/runtime.py signature() has no autocast state, so the fp32 plan made "
-    "outside autocast is reused inside it: autocast recasts the forward graph's aten ops "
-    "at run time (the output comes out bf16) while the backward graph was traced in fp32, "
-    "and the backward's aten.mm fails with 'expected m1 and m2 to have the same dtype, "
-    "but got: c10::BFloat16 != float'",
-)
 def test_plan_made_outside_autocast_then_called_inside():
     model, reference, x = _pair("mlp")
     optimized = monet.optimize(model, 1.0, (x,), measure=False)
@@ -160,13 +143,6 @@ def test_plan_made_outside_autocast_then_called_inside():
     assert len(optimized.plans) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="monet/runtime.py signature() has no autocast state, so the bf16 plan made inside "
-    "autocast is reused outside it: silently wrong, the output is bfloat16 where eager's is "
-    "float32 and the gradients differ from eager's fp32 ones at bf16 precision",
-)
 def test_plan_made_inside_autocast_then_called_outside():
     model, reference, x = _pair("mlp")
     optimized = monet.optimize(model, 1.0, measure=False)

@@ -212,31 +212,11 @@ def test_fsdp2_over_monet_matches_fsdp2_over_eager(ranks):
         _assert_same(result, _ok(rank["fsdp_eager"]))
 
 
-class KnownFSDPFailure(Exception):
-    """The failure the xfail below documents, raised only when it is exactly that one."""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=KnownFSDPFailure,
-    reason="optimize over a model already under fully_shard: AOTAutograd traces the model's "
-    "FSDP pre-forward hook, whose fsdp.all_gather_copy_in reads the real sharded parameters "
-    "FSDP holds, not the traced ones, and FakeTensorMode raises a bare AssertionError "
-    "('Please convert all Tensors to FakeTensors first ...'); monet/capture.py does not "
-    "detect FSDP modules, so no CaptureError says to apply fully_shard after optimize",
-)
 def test_optimize_over_a_fully_sharded_model_says_what_to_do(ranks):
+    # FSDP2's hooks all-gather real shards while AOTAutograd traces with fake
+    # tensors: monet refuses such a model and says to shard its result instead.
     for rank in ranks:
         result = rank["fsdp_inside"]
-        if (
-            result.get("error_type") == "builtins.AssertionError"
-            and "Please convert all Tensors to FakeTensors first" in result["error"]
-            and "fsdp.all_gather_copy_in" in result["error"]
-        ):
-            raise KnownFSDPFailure(result["error"][:300])
-        # Fixed either way: it works, or it fails with a monet error naming fully_shard.
-        if "error" in result:
-            assert result["error_type"].startswith("monet."), result["traceback"]
-            assert "fully_shard" in result["error"]
-        else:
-            _assert_same(result, _ok(rank["fsdp_eager"]))
+        assert "error" in result
+        assert result["error_type"] == "monet.capture.CaptureError", result["traceback"]
+        assert "fully_shard" in result["error"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monet.models.convnext import DropPath
+from monet.models.layers import DropPath
 from monet.models.registry import register
 
 _POOL_KERNEL = 3

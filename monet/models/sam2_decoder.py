@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monet.models.sam2_layers import MLP, LayerNorm2d
+from monet.models.layers import LayerNorm2d
+from monet.models.sam2_layers import MLP
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monet.models.sam2_layers import MLP, DropPath
+from monet.models.layers import DropPath
+from monet.models.sam2_layers import MLP
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -15,14 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monet.models.layers import DropPath, LayerNorm2d
 from monet.models.sam2_decoder import Attention
-from monet.models.sam2_layers import (
-    DropPath,
-    LayerNorm2d,
-    apply_rotary,
-    axial_rotary_angles,
-    sine_position_encoding,
-)
+from monet.models.sam2_layers import apply_rotary, axial_rotary_angles, sine_position_encoding
 
 
 class RoPEAttention(Attention):

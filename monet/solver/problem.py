@@ -10,9 +10,12 @@ another graph.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,9 +147,18 @@ def structure_hash(nodes: tuple[Node, ...] | list[Node], storage_bytes: tuple[in
     return digest.hexdigest()[:32]
 
 
+MAX_TOTAL_BYTES = 2**53
+"""Storages and workspaces must add up below this: exact in a float, safe in CP-SAT."""
+
+
 def validate(problem: Problem) -> None:
     """Check the invariants every stage relies on; raise ValueError naming the field."""
     nodes, sizes = problem.nodes, problem.storage_bytes
+    largest_workspace = max((n.workspace for n in nodes), default=0)
+    if sum(sizes) + largest_workspace >= MAX_TOTAL_BYTES:
+        raise ValueError(
+            "storage_bytes and workspace add up to 2**53 bytes or more: not a real step"
+        )
     owner: dict[int, int] = {}
     seen_backward = False
     for i, n in enumerate(nodes):
@@ -178,11 +190,17 @@ def validate(problem: Problem) -> None:
         if n.workspace < 0:
             raise ValueError(f"{where}.workspace must be >= 0")
     for i, n in enumerate(nodes):
+        held = {s for j in n.inputs for s in nodes[j].storages}
         for s in n.storages:
             if s not in owner:
                 raise ValueError(f"nodes[{i}] ({n.name}): storage {s} has no allocating node")
             if owner[s] > i:
                 raise ValueError(f"nodes[{i}] ({n.name}): storage {s} is allocated later")
+            if s not in n.allocates and s not in held:
+                raise ValueError(
+                    f"nodes[{i}] ({n.name}).storages: it aliases storage {s}, which none of "
+                    "its inputs holds"
+                )
 
 
 def _node_to_json(n: Node) -> dict[str, Any]:
@@ -218,6 +236,8 @@ def _node_from_json(index: int, data: Any) -> Node:
             _expect(all(_is_int(x) for x in value), f"nodes[{index}].{key}", "a list of integers")
     unknown = set(data) - set(_NODE_FIELDS)
     _expect(not unknown, f"nodes[{index}]", f"no unknown fields (got {sorted(unknown)})")
+    _expect(math.isfinite(float(data["time"])) if _float_ok(data["time"]) else False,
+            f"nodes[{index}].time", "a finite number")
     return Node(
         name=data["name"],
         op=data["op"],
@@ -230,6 +250,26 @@ def _node_from_json(index: int, data: Any) -> Node:
         recomputable=data["recomputable"],
         is_output=data["is_output"],
     )
+
+
+def _float_ok(value: Any) -> bool:
+    """Whether ``float(value)`` works (an int too large for a float does not)."""
+    try:
+        float(value)
+    except (OverflowError, TypeError, ValueError):
+        return False
+    return True
+
+
+def finite_number(data: dict, key: str, optional: bool = False) -> float | None:
+    """``data[key]`` as a finite float, or a ProblemFileError naming the field."""
+    value = data.get(key)
+    if optional and value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _float_ok(value)
+    _expect(ok and math.isfinite(float(value)), key,
+            "a finite number" + (" or null" if optional else ""))
+    return float(value)
 
 
 def _kind_name(kind: Any) -> str:
@@ -247,12 +287,19 @@ def _expect(condition: Any, field_name: str, expected: str) -> None:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    """Write JSON through a uniquely named temporary file and a rename, so readers
+    (other processes included) never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, separators=(",", ":")))
-    temporary.replace(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(data, file, separators=(",", ":"))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def read_json(path: str | Path) -> Any:

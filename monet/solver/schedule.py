@@ -12,6 +12,7 @@ from monet.solver.problem import (
     ProblemFileError,
     _expect,
     _is_int,
+    finite_number,
     read_json,
     write_json_atomic,
 )
@@ -122,24 +123,23 @@ class Schedule:
             "a list of [node, slot] integer pairs",
         )
         _expect(_is_int(data.get("predicted_peak")), "predicted_peak", "an integer")
-        overhead = data.get("predicted_overhead")
-        _expect(isinstance(overhead, (int, float)), "predicted_overhead", "a number")
+        overhead = finite_number(data, "predicted_overhead")
         _expect(data.get("status") in STATUSES, "status", f"one of {STATUSES}")
         budget = data.get("budget")
         _expect(budget is None or _is_int(budget), "budget", "null or an integer")
-        bound = data.get("bound")
-        _expect(bound is None or isinstance(bound, (int, float)), "bound", "null or a number")
+        bound = finite_number(data, "bound", optional=True)
+        solve_seconds = finite_number(data, "solve_seconds")
         schedule = cls(
             graph_hash=data["graph_hash"],
             budget=budget,
             kept=tuple(kept),
             recompute=tuple((p[0], p[1]) for p in recompute),
             predicted_peak=data["predicted_peak"],
-            predicted_overhead=float(overhead),
+            predicted_overhead=overhead,
             status=data["status"],
             backend=str(data.get("backend", "")),
-            bound=None if bound is None else float(bound),
-            solve_seconds=float(data.get("solve_seconds", 0.0)),
+            bound=bound,
+            solve_seconds=solve_seconds,
             meta=data.get("meta", {}) if isinstance(data.get("meta"), dict) else {},
         )
         if problem is not None:
@@ -164,6 +164,20 @@ class Schedule:
                 raise ProblemFileError(f"recompute: node {node} may not be recomputed")
             if not 0 <= slot < backward:
                 raise ProblemFileError(f"recompute: slot {slot} is not a backward position")
+        # The file's figures must be this schedule's: a hand-edited peak or slot
+        # would make every later check lie.
+        from monet.simulate import simulate
+        from monet.solver.program import ScheduleError, build_program
+
+        try:
+            peak = simulate(problem, build_program(problem, self)).peak
+        except ScheduleError as error:
+            raise ProblemFileError(f"recompute/kept: the schedule cannot run: {error}") from None
+        if peak != self.predicted_peak:
+            raise ProblemFileError(
+                f"predicted_peak: the file says {self.predicted_peak} bytes but this schedule "
+                f"peaks at {peak}"
+            )
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_json())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from functorch.compile import aot_module, make_boxed_func
-from torch.utils.flop_counter import FlopCounterMode
+from zoo_counts import aten_targets, count_flops, count_parameters, gradient_slots
 
 import monet.models
+from monet.capture import capture
 from monet.models.mvit import MultiScaleBlock, MViTv2
 
 # (name, parameters in millions, GFLOPs at 224x224 counting a multiply-add once)
@@ -18,42 +18,13 @@ PAPER = [
 ]
 
 
-def capture_joint(model: torch.nn.Module, *inputs: torch.Tensor) -> torch.fx.GraphModule:
-    """The joint forward+backward aten graph AOTAutograd hands its partitioner."""
-    graphs = []
-
-    def partition(joint, joint_inputs, **kw):
-        graphs.append(joint)
-        from torch._functorch.partitioners import default_partition
-
-        return default_partition(joint, joint_inputs, **kw)
-
-    compiled = aot_module(
-        model,
-        fw_compiler=lambda g, _: make_boxed_func(g),
-        bw_compiler=lambda g, _: make_boxed_func(g),
-        partition_fn=partition,
-    )
-    out = compiled(*inputs)
-    out.sum().backward()
-    return graphs[0]
-
-
-def aten_targets(graph: torch.fx.GraphModule) -> set[str]:
-    return {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
-
-
 @pytest.mark.parametrize(("name", "million_parameters", "gflops"), PAPER)
 def test_paper_config_size_and_flops(name: str, million_parameters: float, gflops: float) -> None:
     with torch.device("meta"):
         model = monet.models.create(name).eval()
         images = torch.empty(1, 3, 224, 224)
-    parameters = sum(p.numel() for p in model.parameters())
-    assert parameters / 1e6 == pytest.approx(million_parameters, rel=0.02)
-    with FlopCounterMode(display=False) as counter:
-        model(images)
-    # FlopCounterMode counts a multiply-add as two FLOPs; the paper as one.
-    assert counter.get_total_flops() / 2e9 == pytest.approx(gflops, rel=0.02)
+    assert count_parameters(model) / 1e6 == pytest.approx(million_parameters, rel=0.02)
+    assert count_flops(model, images) / 1e9 == pytest.approx(gflops, rel=0.02)
 
 
 def test_paper_schedule_of_strides_heads_and_widths() -> None:
@@ -111,9 +82,10 @@ def test_tiny_training_step_captured_as_one_joint_graph() -> None:
     torch.manual_seed(0)
     model = monet.models.create("mvitv2_tiny_test")
     (images,) = monet.models.example_inputs("mvitv2_tiny_test", batch=2)
-    joint = capture_joint(model, images)
-    targets = aten_targets(joint)
+    joint = capture(model, images)
+    targets = aten_targets(joint.module)
     assert "aten.convolution_backward.default" in targets
     assert "aten._softmax_backward_data.default" in targets
     assert any("bernoulli" in target for target in targets), "drop-path's random op is missing"
-    assert all(parameter.grad is not None for parameter in model.parameters())
+    gradients = gradient_slots(joint)
+    assert all(gradients[f"parameter:{name}"] is not None for name, _ in model.named_parameters())

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from functorch.compile import aot_module, make_boxed_func
 from torch._functorch.partitioners import default_partition
-from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
+from zoo_counts import count_flops, count_parameters
 
+import monet
 import monet.models
+from monet.capture import capture
+from monet.measure import measure_peak_memory, resident_tensors
 from monet.models.revvit import RevViT
 
 # Paper, Table 1 (Rev-ViT-S, Rev-ViT-B): parameters and GFLOPs, a multiply-add counted once.
@@ -21,47 +22,28 @@ def tiny(depth: int = 2, reversible: bool = True, **overrides) -> RevViT:
     return monet.models.create("revvit_tiny_test", reversible=reversible, depth=depth, **overrides)
 
 
-def capture(model: torch.nn.Module, *inputs: torch.Tensor):
-    """AOTAutograd's joint graph of one step, and the non-parameter values its forward saves."""
-    graphs, saved = [], []
-
-    def partition(joint, joint_inputs, **kwargs):
-        graphs.append(joint)
-        forward, backward = default_partition(joint, joint_inputs, **kwargs)
-        output = next(node for node in forward.graph.nodes if node.op == "output")
-        saved.extend(
-            value
-            for value in output.args[0][kwargs["num_fwd_outputs"] :]
-            if not value.name.startswith("primals")
-        )
-        return forward, backward
-
-    def keep(graph, _):
-        return make_boxed_func(graph)
-
-    compiled = aot_module(model, fw_compiler=keep, bw_compiler=keep, partition_fn=partition)
-    compiled(*inputs).sum().backward()
-    return graphs[0], saved
+def saved_values(model: torch.nn.Module, *inputs: torch.Tensor) -> list[torch.fx.Node]:
+    """The non-parameter values the forward of one captured step saves for the backward."""
+    joint = capture(model, *inputs)
+    forward, _ = default_partition(joint.module, None, num_fwd_outputs=joint.num_forward_outputs)
+    output = next(node for node in forward.graph.nodes if node.op == "output")
+    return [
+        value
+        for value in output.args[0][joint.num_forward_outputs :]
+        if not value.name.startswith("primals")
+    ]
 
 
 def peak_step_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
-    """Peak of the running sum of the profiler's allocation events over forward+backward.
+    """Peak memory of one forward+backward above the parameters, gradients and input.
 
     Gradients are allocated beforehand, so accumulation is in place and the
     figure is activations plus temporaries.
     """
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        model(images).sum().backward()
-    events = [
-        event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"
-    ]
-    running = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        running += event.nbytes()
-        peak = max(peak, running)
-    return peak
+    resident = resident_tensors(model, images)
+    return measure_peak_memory(lambda: model(images).sum().backward(), resident).delta_bytes
 
 
 def test_registered():
@@ -77,13 +59,8 @@ def test_paper_parameters_and_flops(name):
     with torch.device("meta"):
         model = monet.models.create(name)
         images = torch.empty(1, 3, 224, 224)
-    parameters = sum(parameter.numel() for parameter in model.parameters())
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(images)
-    # The counter counts a multiply-add as two FLOPs, the paper as one.
-    flops = counter.get_total_flops() / 2
-    assert parameters == pytest.approx(paper_parameters, rel=0.02)
-    assert flops == pytest.approx(paper_flops, rel=0.02)
+    assert count_parameters(model) == pytest.approx(paper_parameters, rel=0.02)
+    assert count_flops(model, images) == pytest.approx(paper_flops, rel=0.02)
 
 
 def test_reversible_gradients_equal_twin_float64():
@@ -143,7 +120,9 @@ def test_capture_matches_eager(reversible):
     model = tiny(depth=2, reversible=reversible).double()
     eager = model.twin(reversible=False)
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    joint, _ = capture(model, images)
+    joint = capture(model, images).module
+    # The compiled step: a keep-everything plan run through AOTAutograd.
+    monet.optimize(model, 1.0, (images,), measure=False)(images).sum().backward()
     eager(images).sum().backward()
     layer_norms = sum(
         node.target == torch.ops.aten.native_layer_norm.default for node in joint.graph.nodes
@@ -159,8 +138,8 @@ def test_capture_matches_eager(reversible):
 def test_captured_reversible_step_saves_constant_values():
     saved = {}
     for depth in (2, 4):
-        _, values = capture(tiny(depth=depth), torch.randn(2, 3, 32, 32))
+        values = saved_values(tiny(depth=depth), torch.randn(2, 3, 32, 32))
         saved[depth] = [tuple(value.meta["val"].shape) for value in values]
     assert saved[2] == saved[4]
-    _, twin_values = capture(tiny(depth=2, reversible=False), torch.randn(2, 3, 32, 32))
+    twin_values = saved_values(tiny(depth=2, reversible=False), torch.randn(2, 3, 32, 32))
     assert len(twin_values) > 3 * len(saved[2])

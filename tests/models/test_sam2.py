@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from functorch.compile import aot_module, make_boxed_func
+from zoo_counts import aten_targets, count_parameters, gradient_slots
 
 import monet.models
-from monet.models.sam2 import SAM2, parameter_count
+from monet.capture import capture
+from monet.models.sam2 import SAM2
 from monet.models.sam2_layers import apply_rotary, axial_rotary_angles
 
 # Parameters of the released SAM 2.1 checkpoints, in millions.
@@ -32,27 +33,6 @@ VIDEO_ONLY = (
 )
 # The released configs add the no-memory embedding directly, so this one never trains.
 UNUSED = ("no_mem_pos_enc",)
-
-
-def capture_joint(model: torch.nn.Module, *inputs: torch.Tensor) -> torch.fx.GraphModule:
-    """The joint forward+backward aten graph AOTAutograd hands its partitioner."""
-    graphs = []
-
-    def partition(joint, joint_inputs, **kw):
-        graphs.append(joint)
-        from torch._functorch.partitioners import default_partition
-
-        return default_partition(joint, joint_inputs, **kw)
-
-    compiled = aot_module(
-        model,
-        fw_compiler=lambda g, _: make_boxed_func(g),
-        bw_compiler=lambda g, _: make_boxed_func(g),
-        partition_fn=partition,
-    )
-    out = compiled(*inputs)
-    (out if isinstance(out, torch.Tensor) else out[0]).sum().backward()
-    return graphs[0]
 
 
 def tiny_model() -> SAM2:
@@ -82,7 +62,7 @@ def names_without_gradient(model: torch.nn.Module) -> set[str]:
 def test_released_parameter_counts(name: str, million_parameters: float) -> None:
     with torch.device("meta"):
         model = monet.models.create(name)
-    assert parameter_count(model) / 1e6 == pytest.approx(million_parameters, rel=0.02)
+    assert count_parameters(model) / 1e6 == pytest.approx(million_parameters, rel=0.02)
 
 
 def test_paper_configs_trace_at_1024_on_meta() -> None:
@@ -202,19 +182,15 @@ def test_forward_stores_no_tensors_on_modules() -> None:
 
 def test_tiny_image_step_captures_into_one_joint_graph() -> None:
     model = tiny_model()
-    graph = capture_joint(model, *monet.models.example_inputs("sam2_tiny_test"))
-    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    joint = capture(model, *monet.models.example_inputs("sam2_tiny_test"))
+    targets = aten_targets(joint.module)
     attention = [t for t in targets if "scaled_dot_product" in t]
     assert any("backward" in t for t in attention) and any("backward" not in t for t in attention)
     assert "aten.convolution_backward.default" in targets
     assert "aten.bernoulli.p" in targets  # drop path is a visible random op
     # The joint graph returns the forward outputs, then one gradient slot per primal
     # (parameters, buffers, inputs): the same parameters as eager must get one.
-    primals = [
-        node for node in graph.graph.nodes if node.op == "placeholder" and "primals" in node.name
-    ]
-    outputs = next(node for node in graph.graph.nodes if node.op == "output").args[0]
-    gradients = [value for value in outputs[len(outputs) - len(primals) :] if value is not None]
+    gradients = [value for value in gradient_slots(joint).values() if value is not None]
     model.zero_grad(set_to_none=True)
     sum(output.sum() for output in model(*monet.models.example_inputs("sam2_tiny_test"))).backward()
     eager = sum(1 for parameter in model.parameters() if parameter.grad is not None)
