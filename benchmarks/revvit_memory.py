@@ -2,10 +2,10 @@
 
     python benchmarks/revvit_memory.py [--depths 2 4 8 12] [--embed-dim 192] [--batch 2]
 
-Method: one forward+backward under ``torch.profiler.profile(profile_memory=True)``;
-the peak of the running sum of its ``[memory]`` allocation/free events, in
-time order. Parameters, their gradients (allocated beforehand so accumulation
-is in place) and the input exist before the step and are not counted: the
+Method: one forward+backward measured by ``monet.measure.measure_peak_memory``
+(on CPU, the running sum of ``torch.profiler``'s allocation/free events).
+Parameters, their gradients (allocated beforehand so accumulation is in place)
+and the input are passed as resident and not counted (``delta_bytes``): the
 figure is activations plus temporaries. Writes benchmarks/results/revvit_memory.csv.
 """
 
@@ -18,33 +18,26 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from monet.measure import measure_peak_memory, resident_tensors
 from monet.models.revvit import RevViT, RevViTConfig
 
 MIB = 2**20
 METHOD = (
-    "peak of the running sum of torch.profiler [memory] alloc/free events over one "
-    "forward+backward; parameters, preallocated gradients and input not counted"
+    "monet.measure.measure_peak_memory delta_bytes over one forward+backward "
+    "(torch.profiler [memory] events); parameters, preallocated gradients and input "
+    "resident, not counted"
 )
 
 
 def peak_step_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
-    """Peak bytes allocated during one forward+backward, from the profiler's memory events."""
+    """Peak bytes one forward+backward adds above parameters, gradients and input."""
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        model(images).sum().backward()
-    events = [
-        event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"
-    ]
-    running = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        running += event.nbytes()
-        peak = max(peak, running)
-    return peak
+    resident = resident_tensors(model, images)
+    return measure_peak_memory(lambda: model(images).sum().backward(), resident).delta_bytes
 
 
 def main(argv: list[str] | None = None) -> None:
