@@ -104,7 +104,11 @@ def compile_step(
         return graph if getattr(graph, "_boxed_call", False) else make_boxed_func(graph)
 
     function = aot_function(
-        flat_forward, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition_fn
+        flat_forward,
+        fw_compiler=boxed,
+        bw_compiler=boxed,
+        partition_fn=partition_fn,
+        decompositions={torch.ops.aten.native_dropout.default: dropout_decomposition},
     )
 
     def call(*flat: torch.Tensor) -> Any:
@@ -116,6 +120,27 @@ def compile_step(
             state.pop("real", None)
 
     return CompiledStep(call, positions, leaves, spec, names)
+
+
+def dropout_decomposition(
+    input: torch.Tensor, p: float, train: bool | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``aten.native_dropout`` as its random mask and a multiply, bit for bit as eager.
+
+    As one op, dropout's output could never be recomputed (it is random), so
+    every dropout output had to be kept. Split, only the random draw is
+    unrecomputable: its boolean mask (a byte per element) is kept and the
+    output is recomputed from the input. The draw is the same ``bernoulli_``
+    on a tensor like the input that eager makes, so the random stream and the
+    result are identical.
+    """
+    if not train:
+        return input.clone(), torch.ones_like(input, dtype=torch.bool)
+    keep = 1.0 - p
+    # The functional form of eager's empty_like(input).bernoulli_(keep): same draw.
+    mask = torch.ops.aten.bernoulli.p(torch.empty_like(input), keep).to(torch.bool)
+    scale = 0.0 if keep == 0 else 1.0 / keep  # eager's scale, so -0.0 and NaN match too
+    return input * mask * scale, mask
 
 
 def _refuse_sharded(model: nn.Module) -> None:

@@ -42,7 +42,8 @@ MODELS = {
 EXACT_AGAINST_EAGER = {"mlp"}
 """With dropout, AOTAutograd's own decomposition of dropout's backward rounds in
 bf16 differently from eager's (gradients before the dropout differ by ~1% of
-their size); monet equals AOTAutograd's default partition bit for bit there."""
+their size), and monet's split of dropout (monet/capture.py) rounds like
+neither exactly; all three agree within bf16's precision."""
 
 
 def _pair(name: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
@@ -118,7 +119,7 @@ def test_planned_inside_autocast_equals_eager_under_autocast(name, budget, backw
         _assert_equal(got, want, exact=name in EXACT_AGAINST_EAGER)
         aot_want = _step(aot, list(aot_reference.parameters()), x, forward_autocast=True,
                          backward_inside=backward_inside)
-        _assert_equal(got, aot_want)
+        _assert_equal(got, aot_want, exact=name in EXACT_AGAINST_EAGER)
     assert len(optimized.plans) == 1
     if budget < 1:
         assert optimized.report().recomputed > 0
