@@ -226,7 +226,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     # A budget that keep-everything always meets makes optimize() skip the solver.
     # Only a fractional budget needs the reference peak (1.0 measures eager once);
     # otherwise a byte budget no plan reaches skips that measurement too.
-    planning_budget: int | float = 1.0 if kind == "fraction" else sys.maxsize
+    planning_budget: int | float = 1.0 if kind == "fraction" else 2**62 - 1
     _note(f"capturing and profiling {args.model} at batch {batch} ...")
     started = time.perf_counter()
     optimized = monet.optimize(
