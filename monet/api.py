@@ -177,7 +177,7 @@ class OptimizedModule(MonetModule):
         schedule = plan.schedule
         return Report(
             eager_peak=eager,
-            budget=int(schedule.budget if schedule.budget is not None else plan.problem.budget),
+            budget=int(plan.requested_budget or plan.problem.budget),
             predicted_peak=schedule.predicted_peak,
             measured_peak=plan.measured_peak,
             measurement_method=plan.measurement_method,

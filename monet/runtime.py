@@ -50,6 +50,8 @@ class Plan:
     step_seconds: float | None = None
     """Median step time of the plan, measured beside eager's."""
     eager_step_seconds: float | None = None
+    requested_budget: int | None = None
+    """The user's budget in bytes (a re-plan solves for less to make the measurement fit)."""
 
 
 def signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -173,6 +175,7 @@ class MonetModule(nn.Module):
                 self._measure(plan, args, kwargs)
             if plan.measured_peak > budget:
                 raise InfeasibleBudgetError(budget, plan.measured_peak)
+        plan.requested_budget = budget
         self._plans[key] = plan
         self._last_plan = plan
         return plan

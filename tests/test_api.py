@@ -197,3 +197,30 @@ def test_a_corrupt_profile_cache_is_rebuilt(tmp_path):
         )
     assert optimized.last_plan.problem.meta["profiled_ops"] > 0
     assert '"version":1' in cache.read_text().replace(" ", "")
+
+
+def test_a_measured_peak_over_the_budget_is_replanned_below_it(monkeypatch):
+    """If the device allocates more than the model of memory predicts, optimize plans
+    again with the excess taken off, so the measured peak still fits the budget."""
+    from monet.runtime import MonetModule
+
+    real_measure = MonetModule._measure
+    calls = []
+
+    def measure_with_an_unseen_allocation(self, plan, args, kwargs):
+        real_measure(self, plan, args, kwargs)
+        calls.append(plan.schedule.predicted_peak)
+        if len(calls) == 1:  # 20 kB the simulator did not see, over the budget
+            plan.measured_peak = plan.problem.budget + 20_000
+    monkeypatch.setattr(MonetModule, "_measure", measure_with_an_unseen_allocation)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
+                            for _ in range(6)))
+    x = torch.randn(256, 32)
+    optimized = monet.optimize(model, 0.8, (x,), timing_repeats=0, time_limit=5)
+    report = optimized.report()
+    assert len(calls) == 2
+    # Re-planned with the whole excess over the prediction taken off the budget.
+    assert calls[1] <= calls[0] - 20_000
+    assert report.measured_peak <= report.budget
