@@ -34,7 +34,9 @@ def test_peers_writes_a_frontier_for_each_method(peers, tmp_path, capsys):
     assert set(rows.loc[rows["method"] == "checkpoint", "setting"]) == {
         "every block", "every 2nd block",
     }
-    assert (rows["method"] == "monet").sum() == 4  # one row per budget, feasible or not
+    # One row per budget, feasible or not, and one at the least peak found.
+    assert (rows["method"] == "monet").sum() == 5
+    assert "least peak" in set(rows["setting"])
     eager = rows[rows["method"] == "eager"].iloc[0]
     assert eager["peak_over_eager"] == 1.0 and eager["overhead"] == 1.0
     measured = rows[rows["peak_bytes"].notna()]
