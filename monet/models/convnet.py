@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from monet.models.registry import register
+from monet.models.registry import random_images, register
 
 
 class BasicBlock(nn.Module):
@@ -52,17 +52,13 @@ class ResNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def _images(size: int):
-    return lambda batch: (torch.randn(batch, 3, size, size),)
-
-
-@register("resnet18", example_inputs=_images(224), default_batch=8, tags=("convnet",))
+@register("resnet18", example_inputs=random_images(224), default_batch=8, tags=("convnet",))
 def resnet18(**overrides) -> ResNet:
     """ResNet-18 (11.7M parameters) at 224²."""
     return ResNet(**overrides)
 
 
-@register("resnet_tiny_test", example_inputs=_images(32), default_batch=2, tiny=True,
+@register("resnet_tiny_test", example_inputs=random_images(32), default_batch=2, tiny=True,
           tags=("convnet",))
 def resnet_tiny_test(**overrides) -> ResNet:
     """Two stages of one block each at 32²: for unit tests."""

@@ -7,14 +7,14 @@ random op (``bernoulli``) so it appears in the captured graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from monet.models.layers import DropPath, LayerNorm2d
-from monet.models.registry import register
+from monet.models.registry import random_images, register
 
 
 class ConvNeXtBlock(nn.Module):
@@ -118,16 +118,8 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _images(size: int) -> Callable[[int], tuple[torch.Tensor]]:
-    """Example inputs: a batch of random RGB images of ``size`` x ``size``."""
 
-    def make(batch: int) -> tuple[torch.Tensor]:
-        return (torch.randn(batch, 3, size, size),)
-
-    return make
-
-
-@register("convnext_t", example_inputs=_images(224), default_batch=4, tags=("convnext", "paper"))
+@register("convnext_t", example_inputs=random_images(224), default_batch=4, tags=("convnext", "paper"))
 def convnext_t(num_classes: int = 1000, drop_path_rate: float = 0.1, **overrides: Any) -> ConvNeXt:
     """ConvNeXt-T: 28.6M parameters, 4.5 GFLOPs at 224x224."""
     return ConvNeXt(
@@ -135,7 +127,7 @@ def convnext_t(num_classes: int = 1000, drop_path_rate: float = 0.1, **overrides
     )
 
 
-@register("convnext_s", example_inputs=_images(224), default_batch=2, tags=("convnext", "paper"))
+@register("convnext_s", example_inputs=random_images(224), default_batch=2, tags=("convnext", "paper"))
 def convnext_s(num_classes: int = 1000, drop_path_rate: float = 0.4, **overrides: Any) -> ConvNeXt:
     """ConvNeXt-S: 50M parameters, 8.7 GFLOPs at 224x224."""
     return ConvNeXt(
@@ -143,7 +135,7 @@ def convnext_s(num_classes: int = 1000, drop_path_rate: float = 0.4, **overrides
     )
 
 
-@register("convnext_b", example_inputs=_images(224), default_batch=2, tags=("convnext", "paper"))
+@register("convnext_b", example_inputs=random_images(224), default_batch=2, tags=("convnext", "paper"))
 def convnext_b(num_classes: int = 1000, drop_path_rate: float = 0.5, **overrides: Any) -> ConvNeXt:
     """ConvNeXt-B: 89M parameters, 15.4 GFLOPs at 224x224."""
     return ConvNeXt(
@@ -157,7 +149,7 @@ def convnext_b(num_classes: int = 1000, drop_path_rate: float = 0.5, **overrides
 
 @register(
     "convnext_tiny_test",
-    example_inputs=_images(32),
+    example_inputs=random_images(32),
     default_batch=4,
     tiny=True,
     tags=("convnext", "test"),

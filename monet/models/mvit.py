@@ -14,7 +14,7 @@ are non-persistent buffers and nothing is cached during forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monet.models.layers import DropPath
-from monet.models.registry import register
+from monet.models.registry import random_images, register
 
 _POOL_KERNEL = 3
 _POOL_PADDING = _POOL_KERNEL // 2
@@ -327,22 +327,14 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _images(size: int) -> Callable[[int], tuple[torch.Tensor]]:
-    """Example inputs: a batch of random RGB images of ``size`` x ``size``."""
 
-    def make(batch: int) -> tuple[torch.Tensor]:
-        return (torch.randn(batch, 3, size, size),)
-
-    return make
-
-
-@register("mvitv2_t", example_inputs=_images(224), default_batch=4, tags=("mvit", "paper"))
+@register("mvitv2_t", example_inputs=random_images(224), default_batch=4, tags=("mvit", "paper"))
 def mvitv2_t(num_classes: int = 1000, drop_path_rate: float = 0.1, **overrides: Any) -> MViTv2:
     """MViTv2-T: 24M parameters, 4.7 GFLOPs at 224x224."""
     return MViTv2((1, 2, 5, 2), num_classes=num_classes, drop_path_rate=drop_path_rate, **overrides)
 
 
-@register("mvitv2_s", example_inputs=_images(224), default_batch=2, tags=("mvit", "paper"))
+@register("mvitv2_s", example_inputs=random_images(224), default_batch=2, tags=("mvit", "paper"))
 def mvitv2_s(num_classes: int = 1000, drop_path_rate: float = 0.1, **overrides: Any) -> MViTv2:
     """MViTv2-S: 35M parameters, 7.0 GFLOPs at 224x224."""
     return MViTv2(
@@ -350,7 +342,7 @@ def mvitv2_s(num_classes: int = 1000, drop_path_rate: float = 0.1, **overrides: 
     )
 
 
-@register("mvitv2_b", example_inputs=_images(224), default_batch=2, tags=("mvit", "paper"))
+@register("mvitv2_b", example_inputs=random_images(224), default_batch=2, tags=("mvit", "paper"))
 def mvitv2_b(num_classes: int = 1000, drop_path_rate: float = 0.3, **overrides: Any) -> MViTv2:
     """MViTv2-B: 52M parameters, 10.2 GFLOPs at 224x224."""
     return MViTv2(
@@ -360,7 +352,7 @@ def mvitv2_b(num_classes: int = 1000, drop_path_rate: float = 0.3, **overrides: 
 
 @register(
     "mvitv2_tiny_test",
-    example_inputs=_images(32),
+    example_inputs=random_images(32),
     default_batch=4,
     tiny=True,
     tags=("mvit", "test"),

@@ -63,6 +63,15 @@ def _load_all() -> None:
     _loaded = True
 
 
+def random_images(size: int) -> Callable[[int], tuple[torch.Tensor]]:
+    """Example inputs for image models: a batch of random RGB images of ``size`` x ``size``."""
+
+    def make(batch: int) -> tuple[torch.Tensor]:
+        return (torch.randn(batch, 3, size, size),)
+
+    return make
+
+
 def names(tiny: bool | None = None) -> list[str]:
     """Registered model names, sorted; ``tiny=True``/``False`` filters by size."""
     _load_all()

@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 from torch.nn import functional
 
-from monet.models.registry import register
+from monet.models.registry import random_images, register
 
 __all__ = ["RevViT", "RevViTConfig", "ReversibleBlock", "ReversibleStack"]
 
@@ -250,13 +250,9 @@ class RevViT(nn.Module):
         return other.train(self.training)
 
 
-def _images(image_size: int, batch: int) -> tuple[torch.Tensor]:
-    return (torch.randn(batch, 3, image_size, image_size),)
-
-
 @register(
     "revvit_s",
-    example_inputs=lambda batch: _images(224, batch),
+    example_inputs=random_images(224),
     default_batch=8,
     tags=("revvit", "paper", "reversible"),
 )
@@ -272,7 +268,7 @@ def revvit_s(reversible: bool = True, **overrides: Any) -> RevViT:
 
 @register(
     "revvit_b",
-    example_inputs=lambda batch: _images(224, batch),
+    example_inputs=random_images(224),
     default_batch=2,
     tags=("revvit", "paper", "reversible"),
 )
@@ -287,7 +283,7 @@ def revvit_b(reversible: bool = True, **overrides: Any) -> RevViT:
 
 @register(
     "revvit_tiny_test",
-    example_inputs=lambda batch: _images(32, batch),
+    example_inputs=random_images(32),
     default_batch=2,
     tiny=True,
     tags=("revvit", "reversible"),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monet.models.registry import register
+from monet.models.registry import random_images, register
 
 
 class Attention(nn.Module):
@@ -78,17 +78,13 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
 
-def _images(size: int):
-    return lambda batch: (torch.randn(batch, 3, size, size),)
-
-
-@register("vit_s16", example_inputs=_images(224), default_batch=8, tags=("vit", "default"))
+@register("vit_s16", example_inputs=random_images(224), default_batch=8, tags=("vit", "default"))
 def vit_s16(**overrides) -> VisionTransformer:
     """ViT-S/16 (22M parameters) at 224²."""
     return VisionTransformer(**overrides)
 
 
-@register("vit_small_demo", example_inputs=_images(64), default_batch=16, tags=("vit", "demo"))
+@register("vit_small_demo", example_inputs=random_images(64), default_batch=16, tags=("vit", "demo"))
 def vit_small_demo(**overrides) -> VisionTransformer:
     """The demo's default: a 6-block ViT on 64² images, a step of about a second on 2 cores."""
     config = {"image_size": 64, "patch_size": 8, "dim": 192, "depth": 6, "heads": 3,
@@ -96,7 +92,7 @@ def vit_small_demo(**overrides) -> VisionTransformer:
     return VisionTransformer(**{**config, **overrides})
 
 
-@register("vit_tiny_test", example_inputs=_images(16), default_batch=2, tiny=True,
+@register("vit_tiny_test", example_inputs=random_images(16), default_batch=2, tiny=True,
           tags=("vit",))
 def vit_tiny_test(**overrides) -> VisionTransformer:
     """Two blocks, 16² images: for unit tests."""
