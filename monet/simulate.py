@@ -60,6 +60,7 @@ class _Memory:
 
 def simulate(problem: Problem, program: Program) -> Simulation:
     """Peak live bytes of ``program`` executed on ``problem``'s storages."""
+    problem = problem.apply(program.variants)
     nodes, sizes = problem.nodes, problem.storage_bytes
     memory = _Memory(sizes)
     timeline: list[tuple[str, str, int]] = []
@@ -128,7 +129,7 @@ def simulate(problem: Problem, program: Program) -> Simulation:
 
 
 def program_of_graphs(problem: Problem, names: dict[str, int], forward_graph, backward_graph,
-                      num_forward_outputs: int) -> Program:
+                      num_forward_outputs: int, variants: tuple[int, ...] = ()) -> Program:
     """Read the executed program back from lowered fx graphs (an independent check of lowering).
 
     ``names`` maps a joint-graph node name to its problem index.
@@ -164,4 +165,4 @@ def program_of_graphs(problem: Problem, names: dict[str, int], forward_graph, ba
         else:
             i = names[n.name]
             backward_steps.append(Step(i, nodes[i].phase == "forward", reads))
-    return Program(tuple(forward_steps), tuple(backward_steps), saved)
+    return Program(tuple(forward_steps), tuple(backward_steps), saved, tuple(variants))

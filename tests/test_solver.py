@@ -22,9 +22,10 @@ from monet.solver import (
     solve,
 )
 from monet.solver.bound import budget_lower_bound, time_lower_bound
+from monet.solver.heuristic import variant_seconds
 from monet.solver.ilp import analyse
 from monet.solver.problem import structure_hash
-from monet.solver.random_graphs import random_problem
+from monet.solver.random_graphs import random_problem, with_random_choices
 
 
 def brute_force(problem: Problem, budget: int) -> float | None:
@@ -51,6 +52,41 @@ def brute_force(problem: Problem, budget: int) -> float | None:
                     cost = sum(structure.cost[a] for a in redo)
                     best = cost if best is None else min(best, cost)
     return best
+
+
+def brute_force_with_variants(problem: Problem, budget: int) -> float | None:
+    """Least added time over every variant vector, each brute-forced as a plain problem."""
+    best = None
+    for variants in itertools.product(*(range(len(c.alternatives)) for c in problem.choices)):
+        found = brute_force(problem.apply(variants), budget)
+        if found is not None:
+            found += variant_seconds(problem, variants)
+            best = found if best is None else min(best, found)
+    return best
+
+
+@pytest.mark.parametrize("backend", ["cpsat", "milp"])
+@pytest.mark.parametrize("seed", range(4))
+def test_joint_variant_optimum_equals_brute_force(seed, backend):
+    problem = with_random_choices(random_problem(5, seed=seed, workspace_probability=0.3),
+                                  seed=seed)
+    assert problem.choices
+    high = keep_all(problem).predicted_peak
+    least, lower = minimum_budget(problem, time_limit=5, backend=backend)
+    low = least.budget
+    assert lower <= low
+    for budget in sorted({high, (high + low) // 2, low}):
+        expected = brute_force_with_variants(problem, budget)
+        schedule = solve(problem, budget, time_limit=5, backend=backend)
+        assert schedule.predicted_peak <= budget
+        assert schedule.predicted_overhead == pytest.approx(expected, abs=1e-9)
+        assert time_lower_bound(problem, budget) <= expected + 1e-12
+        assert len(schedule.variants) == len(problem.choices)
+        # The schedule runs the variants it names: its peak re-simulates.
+        schedule.check_against(problem)
+    assert brute_force_with_variants(problem, low - 1) is None
+    with pytest.raises(InfeasibleBudgetError):
+        solve(problem, low - 1, time_limit=5, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["cpsat", "milp"])

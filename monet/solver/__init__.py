@@ -8,13 +8,21 @@ whose ``predicted_peak`` is the simulator's peak for that schedule.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
 from monet.simulate import simulate
 from monet.solver.bound import budget_lower_bound, time_lower_bound
-from monet.solver.heuristic import Candidate, best_within, least_peak, scan
+from monet.solver.heuristic import (
+    Candidate,
+    best_within,
+    fastest_variants,
+    least_peak,
+    scan,
+    variant_seconds,
+)
 from monet.solver.ilp import analyse, solve_cpsat
 from monet.solver.problem import Node, Problem, ProblemFileError
 from monet.solver.program import Program, ScheduleError, build_program
@@ -58,22 +66,29 @@ def _finish(
     backend: str,
     bound: float | None = None,
     seconds: float = 0.0,
+    variants: tuple[int, ...] = (),
 ) -> Schedule:
-    draft = Schedule(problem.graph_hash, budget, kept, recompute, 0, 0.0, status, backend)
+    variants = tuple(variants) or problem.default_variants()
+    draft = Schedule(problem.graph_hash, budget, kept, recompute, 0, 0.0, status, backend,
+                     variants=variants)
     peak = simulate(problem, build_program(problem, draft)).peak
-    structure = analyse(problem)
-    overhead = sum(structure.cost[a] for a, _ in recompute)
+    structure = analyse(problem.apply(variants))
+    overhead = sum(structure.cost[a] for a, _ in recompute) + variant_seconds(problem, variants)
     return Schedule(
         problem.graph_hash, budget, kept, recompute, peak, overhead, status, backend,
-        bound, seconds,
+        bound, seconds, variants=variants,
     )
 
 
-def keep_all(problem: Problem) -> Schedule:
-    """The eager baseline: keep every forward storage the backward reads, recompute nothing."""
-    structure = analyse(problem)
+def keep_all(problem: Problem, variants: tuple[int, ...] | None = None) -> Schedule:
+    """The eager baseline: keep every forward storage the backward reads, recompute nothing.
+
+    ``variants`` default to the captured implementations (the eager step).
+    """
+    variants = problem.default_variants() if variants is None else tuple(variants)
+    structure = analyse(problem.apply(variants))
     kept = tuple(s for s in structure.decision_storages if s in structure.first_read)
-    return _finish(problem, kept, (), None, "heuristic", "keep-all", 0.0)
+    return _finish(problem, kept, (), None, "heuristic", "keep-all", 0.0, variants=variants)
 
 
 def _from_candidate(
@@ -81,7 +96,7 @@ def _from_candidate(
 ) -> Schedule:
     return Schedule(
         problem.graph_hash, budget, candidate.kept, candidate.recompute, candidate.peak,
-        candidate.overhead, status, "heuristic", None, seconds,
+        candidate.overhead, status, "heuristic", None, seconds, variants=candidate.variants,
     )
 
 
@@ -104,7 +119,7 @@ def minimum_budget(
         return _from_candidate(problem, start, start.peak, "heuristic", 0.0), budget_lower_bound(
             problem
         )
-    hint = None if start is None else (start.kept, start.recompute)
+    hint = None if start is None else start.hint
     remaining = max(0.5, time_limit - (time.perf_counter() - started))
     solution = _backend(backend)(problem, None, remaining, hint=hint, stop_at=stop_at)
     found = solution.status in ("optimal", "feasible")
@@ -118,7 +133,7 @@ def minimum_budget(
     # lower (its model sums the workspaces of recomputations in one slot).
     schedule = _finish(
         problem, solution.kept, solution.recompute, solution.capacity, solution.status,
-        f"{backend}-min-peak", None, seconds,
+        f"{backend}-min-peak", None, seconds, solution.variants,
     )
     return schedule, lower
 
@@ -144,12 +159,13 @@ def solve(
     if budget is None:
         raise ValueError("no budget: pass one or put it in the problem")
     started = time.perf_counter()
-    baseline = keep_all(problem)
+    baseline = keep_all(problem, fastest_variants(problem))
     if baseline.predicted_peak <= budget:
-        # Keeping everything costs nothing: it is optimal whenever it fits.
-        return Schedule(
-            problem.graph_hash, budget, baseline.kept, (), baseline.predicted_peak, 0.0,
-            "optimal", "keep-all", 0.0, time.perf_counter() - started,
+        # Keeping everything with the fastest variants adds the least time there
+        # is: it is optimal whenever it fits.
+        return replace(
+            baseline, budget=budget, status="optimal", bound=baseline.predicted_overhead,
+            solve_seconds=time.perf_counter() - started,
         )
     candidates = scan(problem)
     start = best_within(candidates, budget)
@@ -175,13 +191,14 @@ def solve(
             raise InfeasibleBudgetError(budget, fallback.budget, lower)
     remaining = max(0.5, time_limit - (time.perf_counter() - started))
     solution = exact(
-        problem, budget, remaining, hint=(fallback.kept, fallback.recompute),
+        problem, budget, remaining, hint=(fallback.kept, fallback.recompute, fallback.variants),
         log_callback=progress,
     )
     seconds = time.perf_counter() - started
     # The solver's own bound is weak on large graphs (CP-SAT's relaxation of a
     # cumulative constraint); the knapsack bound is cheap and often stronger.
-    bound = max(solution.bound or 0.0, time_lower_bound(problem, budget))
+    found = solution.bound if solution.bound is not None else -math.inf
+    bound = max(found, time_lower_bound(problem, budget))
     # Rounding to integer nanoseconds can lift the solver's bound a hair above
     # the true optimum; it never exceeds the best schedule found.
     bound = min(bound, fallback.predicted_overhead)
@@ -190,7 +207,7 @@ def solve(
                        solve_seconds=seconds)
     schedule = _finish(
         problem, solution.kept, solution.recompute, budget, solution.status, backend,
-        bound, seconds,
+        bound, seconds, solution.variants,
     )
     schedule = replace(schedule, bound=min(bound, schedule.predicted_overhead))
     if schedule.predicted_peak > budget:

@@ -15,10 +15,46 @@ the smallest feasible budget.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from monet.solver.ilp import Structure, analyse
 from monet.solver.problem import Problem
 from monet.solver.program import storage_owner
+
+
+def relaxed(problem: Problem) -> tuple[Problem, float]:
+    """A problem without choices that no variant beats, and the least seconds variants add.
+
+    Each overridden node reads only what all its alternatives read, with the
+    least time and workspace among them: every keep-everything profile of the
+    real problem lies above this one's, and every recomputation costs at least
+    as much, so the bounds below stay valid over all variants.
+    """
+    if not problem.choices:
+        return problem, 0.0
+    nodes = list(problem.nodes)
+    least_delta = 0.0
+    for choice in problem.choices:
+        touched = sorted({o.node for a in choice.alternatives for o in a.overrides})
+        options: dict[int, list[tuple[tuple[int, ...], float, int]]] = {}
+        deltas = []
+        for a in choice.alternatives:
+            effective = {i: (nodes[i].inputs, nodes[i].time, nodes[i].workspace) for i in touched}
+            effective.update({o.node: (o.inputs, o.time, o.workspace) for o in a.overrides})
+            for i in touched:
+                options.setdefault(i, []).append(effective[i])
+            deltas.append(sum(effective[i][1] - problem.nodes[i].time for i in touched))
+        least_delta += min(deltas)
+        for i, alternatives in options.items():
+            common = set.intersection(*(set(inputs) for inputs, _, _ in alternatives))
+            nodes[i] = replace(
+                nodes[i],
+                inputs=tuple(j for j in nodes[i].inputs if j in common)
+                + tuple(sorted(common - set(nodes[i].inputs))),
+                time=min(t for _, t, _ in alternatives),
+                workspace=min(w for _, _, w in alternatives),
+            )
+    return replace(problem, nodes=tuple(nodes), choices=()), least_delta
 
 
 def _keep_all_profile(
@@ -46,6 +82,11 @@ def _keep_all_profile(
 def time_lower_bound(problem: Problem, budget: int, points: int = 32) -> float:
     """Seconds of recomputation every schedule within ``budget`` needs at least
     (``inf`` when none can fit)."""
+    problem, least_delta = relaxed(problem)
+    return least_delta + _time_lower_bound(problem, budget, points)
+
+
+def _time_lower_bound(problem: Problem, budget: int, points: int) -> float:
     structure = analyse(problem)
     level, spans = _keep_all_profile(problem, structure)
     owner = storage_owner(problem)
@@ -74,6 +115,7 @@ def time_lower_bound(problem: Problem, budget: int, points: int = 32) -> float:
 
 def budget_lower_bound(problem: Problem) -> int:
     """Bytes below which no schedule can fit, whatever it recomputes."""
+    problem, _ = relaxed(problem)
     structure = analyse(problem)
     level, spans = _keep_all_profile(problem, structure)
     owner = storage_owner(problem)

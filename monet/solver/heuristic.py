@@ -26,6 +26,50 @@ class Candidate:
     recompute: tuple[tuple[int, int], ...]
     peak: int
     overhead: float
+    variants: tuple[int, ...] = ()
+
+    @property
+    def hint(self) -> tuple:
+        return (self.kept, self.recompute, self.variants)
+
+
+def variant_seconds(problem: Problem, variants: tuple[int, ...]) -> float:
+    """Seconds the chosen alternatives add to the step's own forward and backward."""
+    total = 0.0
+    for choice, picked in zip(problem.choices, variants, strict=True):
+        for o in choice.alternatives[picked].overrides:
+            total += o.time - problem.nodes[o.node].time
+    return total
+
+
+def fastest_variants(problem: Problem) -> tuple[int, ...]:
+    """Per choice, the alternative that adds the least time (the captured one on ties)."""
+    result = []
+    for choice in problem.choices:
+        delta = [sum(o.time - problem.nodes[o.node].time for o in a.overrides)
+                 for a in choice.alternatives]
+        result.append(min(range(len(delta)), key=lambda k: (delta[k], k)))
+    return tuple(result)
+
+
+def leanest_variants(problem: Problem) -> tuple[int, ...]:
+    """Per choice, the alternative whose overridden nodes read the fewest forward bytes."""
+    nodes, sizes = problem.nodes, problem.storage_bytes
+
+    def forward_bytes(inputs: tuple[int, ...]) -> int:
+        storages = {s for j in inputs if nodes[j].phase == "forward" for s in nodes[j].storages}
+        return sum(sizes[s] for s in storages)
+
+    result = []
+    for choice in problem.choices:
+        touched = sorted({o.node for a in choice.alternatives for o in a.overrides})
+        read = []
+        for a in choice.alternatives:
+            inputs = {i: nodes[i].inputs for i in touched}
+            inputs.update({o.node: o.inputs for o in a.overrides})
+            read.append(sum(forward_bytes(v) for v in inputs.values()))
+        result.append(min(range(len(read)), key=lambda k: (read[k], k)))
+    return tuple(result)
 
 
 def schedule_for(
@@ -72,7 +116,24 @@ def ranking(problem: Problem, structure: Structure) -> list[int]:
 
 
 def scan(problem: Problem, evaluations: int = 48) -> list[Candidate]:
-    """Schedules recomputing growing prefixes of the ranking, with their exact peaks."""
+    """Schedules recomputing growing prefixes of the ranking, with their exact peaks.
+
+    With operator variants, the scan runs for the fastest and for the leanest
+    alternatives (and the captured ones).
+    """
+    vectors = dict.fromkeys(
+        [fastest_variants(problem), leanest_variants(problem), problem.default_variants()]
+    )
+    result = []
+    for variants in vectors:
+        applied = problem.apply(variants)
+        extra = variant_seconds(problem, variants)
+        for c in _scan(applied, evaluations):
+            result.append(Candidate(c.kept, c.recompute, c.peak, c.overhead + extra, variants))
+    return result
+
+
+def _scan(problem: Problem, evaluations: int) -> list[Candidate]:
     structure = analyse(problem)
     order = ranking(problem, structure)
     if not order:

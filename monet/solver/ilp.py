@@ -53,8 +53,23 @@ class Structure:
     """Decision storage → the ops whose recomputation reads it."""
     recomputable: set[int]
     cost: dict[int, float]
-    """Op → seconds to recompute it (its owned views included)."""
+    """Op → seconds to recompute it (its owned views included), default variants."""
     workspace: dict[int, int] = field(default_factory=dict)
+    # Operator variants. A node some alternative overrides is *touched*: its
+    # reads, workspace and time are left out of everything above and given per
+    # alternative here, to be switched on by the choice.
+    alternatives: list[int] = field(default_factory=list)
+    """Number of alternatives of each choice."""
+    conditional_reads: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict)
+    """(choice, alternative) → (decision storage, backward position) reads it adds."""
+    conditional_workspace: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """(choice, alternative, point, bytes): a touched node's workspace where it runs."""
+    step_delta: dict[tuple[int, int], float] = field(default_factory=dict)
+    """(choice, alternative) → seconds it adds to the step's own forward and backward."""
+    redo_delta: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)
+    """Op → (choice, alternative, seconds) its recomputation costs beyond ``cost``."""
+    redo_workspace: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
+    """Op whose node is touched → (choice, workspace per alternative) of its recomputation."""
 
 
 def analyse(problem: Problem) -> Structure:
@@ -73,6 +88,8 @@ def analyse(problem: Problem) -> Structure:
     def add(start: int, stop: int, amount: int) -> None:
         for p in range(start, stop + 1):
             fixed[p] += amount
+
+    touched = touched_nodes(problem)
 
     # Readers, per phase.
     forward_last: dict[int, int] = {}
@@ -106,7 +123,8 @@ def analyse(problem: Problem) -> Structure:
         for s in n.allocates:
             if s in pinned:
                 add(f_pos[i], end_point, sizes[s])
-        fixed[f_pos[i]] += n.workspace
+        if i not in touched:
+            fixed[f_pos[i]] += n.workspace
     for s in decision:
         add(f_pos[owner[s]], forward_death[s], sizes[s])
     # Backward: storages allocated by backward nodes are fixed; reads of forward
@@ -122,12 +140,11 @@ def analyse(problem: Problem) -> Structure:
                 last_read[s] = max(last_read.get(s, -1), death)
             elif s in n.allocates or s in storage_death:
                 storage_death[s] = max(storage_death.get(s, -1), death)
-        for k in n.inputs:
-            if nodes[k].phase == "forward":
-                for s in nodes[k].storages:
-                    if s in decision_set:
-                        first_read[s] = min(first_read.get(s, j), j)
-                        last_read[s] = max(last_read.get(s, -1), j)
+        if i in touched:
+            continue  # its reads and workspace depend on the choice
+        for s in forward_reads(nodes, n.inputs, decision_set):
+            first_read[s] = min(first_read.get(s, j), j)
+            last_read[s] = max(last_read.get(s, -1), j)
         fixed[n_forward + 2 * j + 1] += n.workspace
     for s, death in storage_death.items():
         born = b_pos[owner[s]]
@@ -153,10 +170,69 @@ def analyse(problem: Problem) -> Structure:
             cost[owner_of[i]] += nodes[i].time
     recomputable = {a for a in ops if nodes[a].recomputable}
     workspace = {a: nodes[a].workspace for a in ops}
-    return Structure(
+    structure = Structure(
         forward, backward, points, fixed, decision, ops, outputs_of, forward_death,
         first_read, last_read, recompute_reads, readers, recomputable, cost, workspace,
     )
+    if problem.choices:
+        _add_choices(problem, structure, owner_of, f_pos, b_pos, decision_set)
+    return structure
+
+
+def touched_nodes(problem: Problem) -> dict[int, int]:
+    """Node → the choice whose alternatives override it."""
+    return {
+        o.node: c
+        for c, choice in enumerate(problem.choices)
+        for alternative in choice.alternatives
+        for o in alternative.overrides
+    }
+
+
+def forward_reads(nodes, inputs, decision_set: set[int]) -> set[int]:
+    """Decision storages a backward node reads through forward values."""
+    return {
+        s
+        for k in inputs
+        if nodes[k].phase == "forward"
+        for s in nodes[k].storages
+        if s in decision_set
+    }
+
+
+def _add_choices(problem, st: Structure, owner_of, f_pos, b_pos, decision_set) -> None:
+    nodes = problem.nodes
+    n_forward = len(st.forward)
+    for c, choice in enumerate(problem.choices):
+        st.alternatives.append(len(choice.alternatives))
+        mine = sorted({o.node for a in choice.alternatives for o in a.overrides})
+        for k, alternative in enumerate(choice.alternatives):
+            effective = {i: (nodes[i].inputs, nodes[i].time, nodes[i].workspace) for i in mine}
+            for o in alternative.overrides:
+                effective[o.node] = (o.inputs, o.time, o.workspace)
+            reads: list[tuple[int, int]] = []
+            delta = 0.0
+            for i in mine:
+                inputs, seconds, workspace = effective[i]
+                delta += seconds - nodes[i].time
+                if nodes[i].phase == "forward":
+                    point = f_pos[i]
+                    a = owner_of.get(i)
+                    if a is not None and a in st.cost and seconds != nodes[i].time:
+                        st.redo_delta.setdefault(a, []).append((c, k, seconds - nodes[i].time))
+                    if i in st.workspace:
+                        st.redo_workspace.setdefault(i, (c, [0] * len(choice.alternatives)))
+                        st.redo_workspace[i][1][k] = workspace
+                else:
+                    j = b_pos[i]
+                    point = n_forward + 2 * j + 1
+                    reads += [(s, j) for s in sorted(forward_reads(nodes, inputs, decision_set))]
+                if workspace:
+                    st.conditional_workspace.append((c, k, point, workspace))
+            st.conditional_reads[(c, k)] = reads
+            st.step_delta[(c, k)] = delta
+    for a in st.redo_workspace:
+        st.workspace[a] = 0  # counted per alternative instead
 
 
 @dataclass(frozen=True)
@@ -169,6 +245,20 @@ class Solution:
     capacity: int | None
     """The capacity of the minimum-budget model; None for the time model."""
     seconds: float
+    variants: tuple[int, ...] = ()
+
+
+Hint = tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int, ...]]
+"""(kept, recompute, variants) of a known schedule."""
+
+
+def conditional_readers(st: Structure) -> dict[int, list[tuple[int, int, int]]]:
+    """Decision storage → (choice, alternative, backward position) that read it."""
+    result: dict[int, list[tuple[int, int, int]]] = {}
+    for (c, k), reads in st.conditional_reads.items():
+        for s, j in reads:
+            result.setdefault(s, []).append((c, k, j))
+    return result
 
 
 def solve_cpsat(
@@ -176,7 +266,7 @@ def solve_cpsat(
     budget: int | None,
     time_limit: float = 10.0,
     workers: int = 2,
-    hint: tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None = None,
+    hint: Hint | None = None,
     log_callback=None,
     stop_at: int | None = None,
 ) -> Solution:
@@ -202,6 +292,23 @@ def solve_cpsat(
             demands.append(amount)
     keep = {}
     redo = {a: model.NewBoolVar(f"redo{a}") for a in st.ops}
+    # One literal per alternative of each choice, exactly one true.
+    pick = {}
+    for c, count in enumerate(st.alternatives):
+        for k in range(count):
+            pick[c, k] = model.NewBoolVar(f"pick{c}_{k}")
+        model.AddExactlyOne(pick[c, k] for k in range(count))
+    for c, k, point, amount in st.conditional_workspace:
+        intervals.append(model.NewOptionalFixedSizeIntervalVar(point, 1, pick[c, k], f"cws{c}"))
+        demands.append(amount)
+    cond_readers = conditional_readers(st)
+
+    def both(x, y, name: str):
+        """A literal equal to x ∧ y."""
+        z = model.NewBoolVar(name)
+        model.AddBoolAnd([x, y]).OnlyEnforceIf(z)
+        model.AddBoolOr([x.Not(), y.Not()]).OnlyEnforceIf(z.Not())
+        return z
     slot = {}
     for a in st.ops:
         if a not in st.recomputable or not backward_points:
@@ -219,12 +326,20 @@ def solve_cpsat(
         keep[s] = model.NewBoolVar(f"keep{s}")
         model.AddImplication(redo[a], keep[s].Not())
         needed = s in st.first_read
+        conditional = cond_readers.get(s, [])
         if needed:
             model.AddBoolOr([keep[s], redo[a]])
-        elif s in readers:
-            model.AddBoolOr([redo[w] for w in readers[s]]).OnlyEnforceIf(keep[s])
+        elif s in readers or conditional:
+            reasons = [redo[w] for w in readers.get(s, ())]
+            reasons += [pick[c, k] for c, k, _ in conditional]
+            model.AddBoolOr(reasons).OnlyEnforceIf(keep[s])
         else:
             model.Add(keep[s] == 0)
+        for c, k, j in conditional:
+            # The chosen variant reads s at backward position j.
+            model.AddBoolOr([keep[s], redo[a]]).OnlyEnforceIf(pick[c, k])
+            model.Add(slot[a] <= j).OnlyEnforceIf([redo[a], pick[c, k]])
+            model.Add(end[s] >= 2 * j + 1).OnlyEnforceIf(pick[c, k])
         if not backward_points:
             model.Add(keep[s] == 0)
             continue
@@ -253,19 +368,38 @@ def solve_cpsat(
             model.Add(start == n_forward + 2 * slot[a])
             intervals.append(model.NewOptionalFixedSizeIntervalVar(start, 1, redo[a], f"ws{a}"))
             demands.append(st.workspace[a])
+        if a in st.redo_workspace and backward_points:
+            c, amounts = st.redo_workspace[a]
+            for k, amount in enumerate(amounts):
+                if amount:
+                    start = model.NewIntVar(n_forward, last_point, f"wsstart{a}_{k}")
+                    model.Add(start == n_forward + 2 * slot[a])
+                    active = both(redo[a], pick[c, k], f"redo{a}_{k}")
+                    intervals.append(
+                        model.NewOptionalFixedSizeIntervalVar(start, 1, active, f"ws{a}_{k}")
+                    )
+                    demands.append(amount)
         for s in st.recompute_reads[a]:
             b = owner[s]
             model.AddBoolOr([keep[s], redo[b]]).OnlyEnforceIf(redo[a])
             model.Add(slot[b] <= slot[a]).OnlyEnforceIf([redo[a], redo[b]])
             model.Add(end[s] >= 2 * slot[a]).OnlyEnforceIf(redo[a])
     if budget is None:
-        capacity = model.NewIntVar(0, sum(sizes) + max(st.fixed, default=0), "capacity")
+        most = sum(sizes) + max(st.fixed, default=0) + sum(st.workspace.values())
+        most += sum(amount for *_, amount in st.conditional_workspace)
+        most += sum(sum(amounts) for _, amounts in st.redo_workspace.values())
+        capacity = model.NewIntVar(0, most, "capacity")
         model.AddCumulative(intervals, demands, capacity)
         model.Minimize(capacity)
     else:
         capacity = None
         model.AddCumulative(intervals, demands, budget)
-        model.Minimize(sum(max(1, round(st.cost[a] * TIME_SCALE)) * redo[a] for a in st.ops))
+        terms = [max(1, round(st.cost[a] * TIME_SCALE)) * redo[a] for a in st.ops]
+        terms += [round(d * TIME_SCALE) * pick[ck] for ck, d in st.step_delta.items() if d]
+        for a, deltas in st.redo_delta.items():
+            for c, k, d in deltas:
+                terms.append(round(d * TIME_SCALE) * both(redo[a], pick[c, k], f"rd{a}_{k}"))
+        model.Minimize(sum(terms))
     if hint is not None:
         kept_hint, redo_hint = set(hint[0]), dict(hint[1])
         for s, var in keep.items():
@@ -274,6 +408,8 @@ def solve_cpsat(
             model.AddHint(var, a in redo_hint)
             if a in redo_hint:
                 model.AddHint(slot[a], redo_hint[a])
+        for (c, k), var in pick.items():
+            model.AddHint(var, len(hint[2]) > c and hint[2][c] == k)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.1, time_limit - (time.perf_counter() - started))
     solver.parameters.num_workers = workers
@@ -296,11 +432,15 @@ def solve_cpsat(
         return Solution((), (), status, float("inf"), None, None, seconds)
     kept = tuple(s for s in st.decision_storages if solver.Value(keep[s]))
     recompute = tuple((a, solver.Value(slot[a])) for a in st.ops if solver.Value(redo[a]))
+    variants = tuple(
+        next(k for k in range(count) if solver.Value(pick[c, k]))
+        for c, count in enumerate(st.alternatives)
+    )
     status = "optimal" if code == cp_model.OPTIMAL else "feasible"
     if budget is None:
         return Solution(
             kept, recompute, status, solver.ObjectiveValue(), solver.BestObjectiveBound(),
-            int(solver.Value(capacity)), seconds,
+            int(solver.Value(capacity)), seconds, variants,
         )
     return Solution(
         kept,
@@ -310,4 +450,5 @@ def solve_cpsat(
         solver.BestObjectiveBound() / TIME_SCALE,
         None,
         seconds,
+        variants,
     )

@@ -64,7 +64,7 @@ import warnings
 
 import numpy as np
 
-from monet.solver.ilp import TIME_SCALE, Solution, Structure, analyse
+from monet.solver.ilp import TIME_SCALE, Hint, Solution, Structure, analyse, conditional_readers
 from monet.solver.problem import Problem
 from monet.solver.program import storage_owner
 
@@ -142,7 +142,7 @@ def solve_milp(
     budget: int | None,
     time_limit: float = 10.0,
     workers: int = 2,
-    hint: tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None = None,
+    hint: Hint | None = None,
     log_callback=None,
     stop_at: int | None = None,
 ) -> Solution:
@@ -196,21 +196,34 @@ def solve_milp(
             return None
         return {redo[a]: 1.0} if k <= 0 else {redo[a]: 1.0, prefix[a][k - 1]: -1.0}
 
+    # Operator variants: pick[c, k], one per choice.
+    pick: dict[tuple[int, int], int] = {}
+    for c, count in enumerate(st.alternatives):
+        for k in range(count):
+            pick[c, k] = m.column(True)
+        m.row({pick[c, k]: 1.0 for k in range(count)}, 1.0, 1.0)
+    cond_readers = conditional_readers(st)
+
     # Keeping: keep[s] only where it may be 1.
     keep: dict[int, int] = {}
     for s in st.decision_storages:
         a = owner[s]
         needed = s in st.first_read
-        if not backward_points or not (needed or s in readers):
+        conditional = cond_readers.get(s, [])
+        if not backward_points or not (needed or s in readers or conditional):
             continue  # no reader (or no backward): never kept
         keep[s] = m.column(True)
         if a in redo:  # redo[a] ⇒ no output of a kept
             m.row({keep[s]: 1.0, redo[a]: 1.0}, upper=1.0)
         if needed:  # kept or recomputed (no later than its first reader: upper[a])
             m.row(_sum({keep[s]: 1.0}, done_by(a, upper[a])), lower=1.0)
-        else:  # only recomputations read it: kept only if one of them runs
-            m.row(_sum({keep[s]: 1.0}, *(_neg(done_by(w, upper[w])) for w in readers[s])),
+        else:  # only recomputations or chosen variants read it: kept only if one does
+            m.row(_sum({keep[s]: 1.0}, *(_neg(done_by(w, upper[w])) for w in readers.get(s, ())),
+                       *({pick[c, k]: -1.0} for c, k, _ in conditional)),
                   upper=0.0)
+        for c, k, j in conditional:
+            # The chosen variant reads s at backward position j: kept or recomputed by then.
+            m.row(_sum({keep[s]: 1.0}, done_by(a, j), {pick[c, k]: -1.0}), lower=0.0)
     # A recomputation at slot ≤ k reads only storages kept or recomputed by slot k.
     for a in redo:
         for s in st.recompute_reads[a]:
@@ -231,8 +244,12 @@ def solve_milp(
         elif terms:
             m.row(terms, upper=float(budget - st.fixed[point]))
 
+    workspace_at: dict[int, Expr] = {}
+    for c, k, point, amount in st.conditional_workspace:
+        workspace_at[point] = _sum(workspace_at.get(point), {pick[c, k]: float(amount)})
     for p in range(n_forward):
-        memory_row({keep[s]: float(sizes[s]) for s in keep if st.forward_death[s] < p}, p)
+        terms = {keep[s]: float(sizes[s]) for s in keep if st.forward_death[s] < p}
+        memory_row(_sum(terms, workspace_at.get(p)), p)
     last_needed = {s: 2 * st.last_read[s] + 1 if s in st.last_read else 0
                    for s in st.decision_storages}
     for q in range(backward_points):
@@ -248,6 +265,9 @@ def solve_milp(
             else:  # present and some recomputing reader (or s's own op) runs at q or later
                 tails = (done_from(w, (q + 1) // 2) for w in (a, *readers.get(s, ())))
                 bounds = [(_sum(present, tail), -1.0) for tail in tails if tail is not None]
+                # ... or a chosen variant reads it at q or later.
+                bounds += [(_sum(present, {pick[c, k]: 1.0}), -1.0)
+                           for c, k, j in cond_readers.get(s, ()) if q <= 2 * j + 1]
             if not bounds:
                 continue
             alive = m.column(False)
@@ -259,15 +279,40 @@ def solve_milp(
                 if st.workspace[a] and q // 2 <= upper[a]:
                     column = slot[a][q // 2]
                     terms[column] = terms.get(column, 0.0) + float(st.workspace[a])
-        memory_row(terms, n_forward + q)
+                if a in st.redo_workspace and q // 2 <= upper[a]:
+                    # The recomputation's workspace is its variant's: slot ∧ pick.
+                    c, amounts = st.redo_workspace[a]
+                    for k, amount in enumerate(amounts):
+                        if amount:
+                            both = m.column(False)
+                            m.row({both: 1.0, slot[a][q // 2]: -1.0, pick[c, k]: -1.0}, lower=-1.0)
+                            terms[both] = float(amount)
+        memory_row(_sum(terms, workspace_at.get(n_forward + q)), n_forward + q)
 
     weights = {a: max(1, round(st.cost[a] * TIME_SCALE)) for a in st.ops}
+    # Variant time: the step's own (pick) and a recomputation's (redo ∧ pick).
+    variant_weights: dict[int, float] = {
+        pick[ck]: float(round(d * TIME_SCALE)) for ck, d in st.step_delta.items() if d
+    }
+    for a, deltas in st.redo_delta.items():
+        if a not in redo:
+            continue
+        for c, k, d in deltas:
+            both = m.column(False)
+            if d > 0:
+                m.row({both: 1.0, redo[a]: -1.0, pick[c, k]: -1.0}, lower=-1.0)
+            else:
+                m.row({both: 1.0, redo[a]: -1.0}, upper=0.0)
+                m.row({both: 1.0, pick[c, k]: -1.0}, upper=0.0)
+            variant_weights[both] = float(round(d * TIME_SCALE))
     objective = np.zeros(m.columns)
     if capacity is not None:
         objective[capacity] = 1.0
     else:
         for a, column in redo.items():
             objective[column] = float(weights[a])
+        for column, weight in variant_weights.items():
+            objective[column] += weight
 
     result = _run(m, objective, time_limit - (time.perf_counter() - started), budget, stop_at,
                   log_callback)
@@ -281,16 +326,29 @@ def solve_milp(
         for a in st.ops
         if a in redo and values[redo[a]] > 0.5
     )
+    variants = tuple(
+        int(np.argmax([values[pick[c, k]] for k in range(count)]))
+        for c, count in enumerate(st.alternatives)
+    )
+    # The model's profile for the chosen variants is the plain model of the
+    # problem with those variants applied (same storages, same points).
+    applied = problem.apply(variants)
+    profile = model_profile(applied, kept, recompute, st if not problem.choices else None)
     if budget is None:
-        peak = max(model_profile(problem, kept, recompute, st), default=0)
+        peak = max(profile, default=0)
         return Solution(kept, recompute, status, float(peak),
-                        None if bound is None else float(np.ceil(bound - 1e-6)), peak, seconds)
-    if max(model_profile(problem, kept, recompute, st), default=0) > budget:
+                        None if bound is None else float(np.ceil(bound - 1e-6)), peak, seconds,
+                        variants)
+    if max(profile, default=0) > budget:
         # Only a rounding of a numerically loose solution could get here.
         return Solution((), (), "unknown", float("inf"), None, None, seconds)
     cost = sum(weights[a] for a, _ in recompute)
+    cost += sum(round(st.step_delta[c, k] * TIME_SCALE) for c, k in enumerate(variants))
+    slots = dict(recompute)
+    for a, deltas in st.redo_delta.items():
+        cost += sum(round(d * TIME_SCALE) for c, k, d in deltas if a in slots and variants[c] == k)
     return Solution(kept, recompute, status, cost / TIME_SCALE,
-                    None if bound is None else bound / TIME_SCALE, None, seconds)
+                    None if bound is None else bound / TIME_SCALE, None, seconds, variants)
 
 
 def _run(

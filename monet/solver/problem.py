@@ -16,7 +16,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,41 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Override:
+    """One node as an alternative implementation runs it."""
+
+    node: int
+    inputs: tuple[int, ...]
+    """The values it reads instead (a backward node may read other forward values)."""
+    time: float
+    workspace: int
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One implementation of an operator: the nodes it changes, and how."""
+
+    name: str
+    """Variant name, e.g. ``layer_norm.backward_from_output``; ``default`` for the captured one."""
+    overrides: tuple[Override, ...] = ()
+    lossy: bool = False
+    """Changes results beyond float rounding; only offered when the user asks."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """An operator with several implementations; the solver picks exactly one.
+
+    ``alternatives[0]`` is the graph as captured (no overrides). Every other
+    alternative overrides some nodes' reads, time and workspace; it never
+    changes what a node allocates, so memory stays counted by the same storages.
+    """
+
+    name: str
+    alternatives: tuple[Alternative, ...]
+
+
+@dataclass(frozen=True)
 class Problem:
     """Nodes in execution order (forward nodes before backward ones) and storage sizes."""
 
@@ -71,6 +106,8 @@ class Problem:
     """Peak bytes allowed for the whole step, when the problem carries one."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (model name, device, input shapes); not validated."""
+    choices: tuple[Choice, ...] = ()
+    """Operators with alternative implementations (the variants the solver picks from)."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -89,6 +126,7 @@ class Problem:
             "meta": self.meta,
             "storage_bytes": list(self.storage_bytes),
             "nodes": [_node_to_json(n) for n in self.nodes],
+            "choices": [_choice_to_json(c) for c in self.choices],
         }
 
     @classmethod
@@ -111,8 +149,13 @@ class Problem:
         _expect(budget is None or (_is_int(budget) and budget > 0), "budget", "null or bytes > 0")
         meta = data.get("meta", {})
         _expect(isinstance(meta, dict), "meta", "an object")
+        choices_data = data.get("choices", [])
+        _expect(isinstance(choices_data, list), "choices", "a list")
+        choices = tuple(_choice_from_json(i, c) for i, c in enumerate(choices_data))
         try:
-            problem = cls(nodes, tuple(sizes), graph_hash, str(data.get("name", "")), budget, meta)
+            problem = cls(
+                nodes, tuple(sizes), graph_hash, str(data.get("name", "")), budget, meta, choices
+            )
         except ValueError as error:
             raise ProblemFileError(str(error)) from None
         if problem.structure_hash() != graph_hash:
@@ -130,13 +173,51 @@ class Problem:
 
     def structure_hash(self) -> str:
         """Hash of the graph's structure and sizes (not of timings)."""
-        return structure_hash(self.nodes, self.storage_bytes)
+        return structure_hash(self.nodes, self.storage_bytes, self.choices)
 
     def with_budget(self, budget: int) -> Problem:
-        return Problem(self.nodes, self.storage_bytes, self.graph_hash, self.name, budget, self.meta)
+        return replace(self, budget=budget)
+
+    def default_variants(self) -> tuple[int, ...]:
+        return (0,) * len(self.choices)
+
+    def apply(self, variants: tuple[int, ...]) -> Problem:
+        """This problem with one alternative fixed per choice: its overrides become the nodes.
+
+        The result has no choices left and keeps this problem's ``graph_hash``,
+        so the program, the simulator and the lowering see plain nodes.
+        """
+        check_variants(self, variants)
+        if not self.choices:
+            return self
+        nodes = list(self.nodes)
+        for choice, picked in zip(self.choices, variants, strict=True):
+            for o in choice.alternatives[picked].overrides:
+                nodes[o.node] = replace(
+                    nodes[o.node], inputs=o.inputs, time=o.time, workspace=o.workspace
+                )
+        return replace(self, nodes=tuple(nodes), choices=())
 
 
-def structure_hash(nodes: tuple[Node, ...] | list[Node], storage_bytes: tuple[int, ...]) -> str:
+def check_variants(problem: Problem, variants: tuple[int, ...]) -> None:
+    """Refuse a variant vector that does not fit ``problem``'s choices (errors name the field)."""
+    if len(variants) != len(problem.choices):
+        raise ProblemFileError(
+            f"variants: {len(variants)} entries for {len(problem.choices)} choices"
+        )
+    for c, (choice, picked) in enumerate(zip(problem.choices, variants, strict=True)):
+        if not (_is_int(picked) and 0 <= picked < len(choice.alternatives)):
+            raise ProblemFileError(
+                f"variants[{c}]: {picked!r} is not an alternative of {choice.name} "
+                f"(0..{len(choice.alternatives) - 1})"
+            )
+
+
+def structure_hash(
+    nodes: tuple[Node, ...] | list[Node],
+    storage_bytes: tuple[int, ...],
+    choices: tuple[Choice, ...] = (),
+) -> str:
     digest = hashlib.sha256()
     for n in nodes:
         digest.update(
@@ -144,6 +225,13 @@ def structure_hash(nodes: tuple[Node, ...] | list[Node], storage_bytes: tuple[in
             .encode()
         )
     digest.update(repr(tuple(storage_bytes)).encode())
+    for c in choices:
+        digest.update(
+            repr(
+                [(a.name, a.lossy, [(o.node, o.inputs) for o in a.overrides])
+                 for a in c.alternatives]
+            ).encode()
+        )
     return digest.hexdigest()[:32]
 
 
@@ -201,6 +289,53 @@ def validate(problem: Problem) -> None:
                     f"nodes[{i}] ({n.name}).storages: it aliases storage {s}, which none of "
                     "its inputs holds"
                 )
+    _validate_choices(problem)
+
+
+def _validate_choices(problem: Problem) -> None:
+    """Alternatives may change what a node reads, never what it allocates or aliases.
+
+    A forward node keeps its reads (so the forward's liveness is fixed); a
+    backward node may read other forward or input values but the same backward
+    values (so the backward's own storages die where they did).
+    """
+    nodes = problem.nodes
+    claimed: dict[int, int] = {}
+    for c, choice in enumerate(problem.choices):
+        where = f"choices[{c}] ({choice.name})"
+        if len(choice.alternatives) < 2:
+            raise ValueError(f"{where}: a choice needs at least two alternatives")
+        if choice.alternatives[0].overrides or choice.alternatives[0].lossy:
+            raise ValueError(f"{where}.alternatives[0] must be the captured graph (no overrides)")
+        for k, alternative in enumerate(choice.alternatives):
+            seen: set[int] = set()
+            for o in alternative.overrides:
+                at = f"{where}.alternatives[{k}] ({alternative.name}), node {o.node}"
+                if not 0 <= o.node < len(nodes):
+                    raise ValueError(f"{at}: no such node")
+                if o.node in seen:
+                    raise ValueError(f"{at}: overridden twice")
+                seen.add(o.node)
+                if claimed.setdefault(o.node, c) != c:
+                    raise ValueError(f"{at}: already belongs to choices[{claimed[o.node]}]")
+                n = nodes[o.node]
+                if n.phase not in ("forward", "backward"):
+                    raise ValueError(f"{at}: only forward and backward nodes have variants")
+                if not (math.isfinite(o.time) and o.time >= 0) or o.workspace < 0:
+                    raise ValueError(f"{at}: time and workspace must be finite and >= 0")
+                if any(not 0 <= j < o.node for j in o.inputs):
+                    raise ValueError(f"{at}.inputs must be earlier nodes")
+                if n.phase == "forward" and o.inputs != n.inputs:
+                    raise ValueError(f"{at}: a forward variant must read what the node reads")
+                if _backward_reads(nodes, o.inputs) != _backward_reads(nodes, n.inputs):
+                    raise ValueError(f"{at}: a variant must read the same backward values")
+                held = {s for j in o.inputs for s in nodes[j].storages}
+                if not set(n.storages) - set(n.allocates) <= held:
+                    raise ValueError(f"{at}: the node aliases a storage its new inputs lack")
+
+
+def _backward_reads(nodes: tuple[Node, ...], inputs: tuple[int, ...]) -> set[int]:
+    return {j for j in inputs if nodes[j].phase in ("backward", "tangent")}
 
 
 def _node_to_json(n: Node) -> dict[str, Any]:
@@ -208,6 +343,52 @@ def _node_to_json(n: Node) -> dict[str, Any]:
     for key in ("inputs", "storages", "allocates"):
         data[key] = list(data[key])
     return data
+
+
+def _choice_to_json(choice: Choice) -> dict[str, Any]:
+    return {
+        "name": choice.name,
+        "alternatives": [
+            {
+                "name": a.name,
+                "lossy": a.lossy,
+                "overrides": [
+                    {"node": o.node, "inputs": list(o.inputs), "time": o.time,
+                     "workspace": o.workspace}
+                    for o in a.overrides
+                ],
+            }
+            for a in choice.alternatives
+        ],
+    }
+
+
+def _choice_from_json(index: int, data: Any) -> Choice:
+    where = f"choices[{index}]"
+    _expect(isinstance(data, dict) and isinstance(data.get("name"), str), where,
+            "an object with a name")
+    alternatives = data.get("alternatives")
+    _expect(isinstance(alternatives, list), f"{where}.alternatives", "a list")
+    parsed = []
+    for k, a in enumerate(alternatives):
+        at = f"{where}.alternatives[{k}]"
+        _expect(isinstance(a, dict) and isinstance(a.get("name"), str), at, "an object with a name")
+        _expect(isinstance(a.get("lossy", False), bool), f"{at}.lossy", "true or false")
+        overrides = a.get("overrides")
+        _expect(isinstance(overrides, list), f"{at}.overrides", "a list")
+        parsed_overrides = []
+        for m, o in enumerate(overrides):
+            ot = f"{at}.overrides[{m}]"
+            _expect(isinstance(o, dict), ot, "an object")
+            _expect(_is_int(o.get("node")), f"{ot}.node", "an integer")
+            _expect(isinstance(o.get("inputs"), list) and all(_is_int(j) for j in o["inputs"]),
+                    f"{ot}.inputs", "a list of integers")
+            _expect(_is_int(o.get("workspace")), f"{ot}.workspace", "an integer")
+            parsed_overrides.append(
+                Override(o["node"], tuple(o["inputs"]), finite_number(o, "time"), o["workspace"])
+            )
+        parsed.append(Alternative(a["name"], tuple(parsed_overrides), a.get("lossy", False)))
+    return Choice(data["name"], tuple(parsed))
 
 
 _NODE_FIELDS = {

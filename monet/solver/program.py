@@ -35,6 +35,8 @@ class Program:
     backward: tuple[Step, ...]
     saved: tuple[int, ...]
     """Forward nodes whose values are handed from the forward to the backward."""
+    variants: tuple[int, ...] = ()
+    """The alternative each of the problem's choices runs."""
 
 
 class ScheduleError(ValueError):
@@ -71,6 +73,7 @@ def node_owner(problem: Problem, pinned: set[int], owner: dict[int, int]) -> dic
 
 def build_program(problem: Problem, schedule: Schedule) -> Program:
     """The executed step sequence of ``schedule`` on ``problem``."""
+    problem = problem.apply(schedule.variants)
     nodes = problem.nodes
     pinned = pinned_storages(problem)
     owner_of = node_owner(problem, pinned, storage_owner(problem))
@@ -160,4 +163,6 @@ def build_program(problem: Problem, schedule: Schedule) -> Program:
         if g in releases:
             backward_steps.append(Step(RELEASE, False, tuple(sorted(releases[g]))))
         backward_steps.append(main)
-    return Program(forward_steps, tuple(backward_steps), tuple(sorted(saved)))
+    return Program(
+        forward_steps, tuple(backward_steps), tuple(sorted(saved)), tuple(schedule.variants)
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from monet.solver.problem import Node, Problem, structure_hash
+from monet.solver.problem import Alternative, Choice, Node, Override, Problem, structure_hash
 
 
 def random_problem(
@@ -81,3 +81,51 @@ def random_problem(
         allocates=(final,), time=1e-5, is_output=True)
     frozen = tuple(nodes)
     return Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)), f"random{seed}")
+
+
+def with_random_choices(problem: Problem, seed: int = 0, count: int = 3) -> Problem:
+    """``problem`` with up to ``count`` operator choices, shaped like monet's variants.
+
+    A backward node that reads a forward op's input gets an alternative that
+    reads a forward reader of that input instead (as a norm's backward may read
+    its output), with its own time and workspace; a forward op gets a faster or
+    slower implementation with a workspace (as convolution algorithms do).
+    """
+    rng = random.Random(seed)
+    nodes = problem.nodes
+    readers: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        if n.phase == "forward" and n.allocates:
+            for k in n.inputs:
+                readers.setdefault(k, []).append(i)
+    sites: list[Choice] = []
+    backward = [i for i, n in enumerate(nodes) if n.phase == "backward"]
+    forward_ops = [i for i, n in enumerate(nodes) if n.phase == "forward" and n.allocates]
+    rng.shuffle(backward)
+    rng.shuffle(forward_ops)
+    for i in backward:
+        if len(sites) >= (count + 1) // 2:
+            break
+        n = nodes[i]
+        swaps = [(k, r) for k in n.inputs if nodes[k].phase == "forward"
+                 for r in readers.get(k, ()) if r < i and r not in n.inputs]
+        if not swaps:
+            continue
+        old, new = rng.choice(swaps)
+        inputs = tuple(new if k == old else k for k in n.inputs)
+        alternative = Alternative("from_reader", (
+            Override(i, inputs, n.time * rng.uniform(0.8, 1.5), rng.choice((0, 1024, 4096))),
+        ))
+        sites.append(Choice(n.name, (Alternative("default"), alternative)))
+    for i in forward_ops:
+        if len(sites) >= count:
+            break
+        n = nodes[i]
+        alternative = Alternative("other_algorithm", (
+            Override(i, n.inputs, n.time * rng.uniform(0.5, 1.2), rng.choice((0, 2048, 8192))),
+        ))
+        sites.append(Choice(n.name, (Alternative("default"), alternative)))
+    choices = tuple(sites)
+    return Problem(nodes, problem.storage_bytes,
+                   structure_hash(nodes, problem.storage_bytes, choices),
+                   f"{problem.name}+choices{seed}", choices=choices)

@@ -12,6 +12,7 @@ from monet.solver.problem import (
     ProblemFileError,
     _expect,
     _is_int,
+    check_variants,
     finite_number,
     read_json,
     write_json_atomic,
@@ -77,6 +78,8 @@ class Schedule:
     """Lower bound on the added seconds (from the solver), when known."""
     solve_seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[int, ...] = ()
+    """The alternative chosen for each of the problem's choices (empty: it has none)."""
 
     @property
     def gap(self) -> float | None:
@@ -102,6 +105,7 @@ class Schedule:
             "bound": self.bound,
             "solve_seconds": self.solve_seconds,
             "meta": self.meta,
+            "variants": list(self.variants),
         }
 
     @classmethod
@@ -129,6 +133,9 @@ class Schedule:
         _expect(budget is None or _is_int(budget), "budget", "null or an integer")
         bound = finite_number(data, "bound", optional=True)
         solve_seconds = finite_number(data, "solve_seconds")
+        variants = data.get("variants", [])
+        _expect(isinstance(variants, list) and all(_is_int(v) for v in variants), "variants",
+                "a list of integers")
         schedule = cls(
             graph_hash=data["graph_hash"],
             budget=budget,
@@ -141,6 +148,7 @@ class Schedule:
             bound=bound,
             solve_seconds=solve_seconds,
             meta=data.get("meta", {}) if isinstance(data.get("meta"), dict) else {},
+            variants=tuple(variants),
         )
         if problem is not None:
             schedule.check_against(problem)
@@ -153,6 +161,7 @@ class Schedule:
                 f"graph_hash: the schedule was made for graph {self.graph_hash}, "
                 f"not for this one ({problem.graph_hash})"
             )
+        check_variants(problem, self.variants)
         backward = len(problem.indices("backward"))
         for s in self.kept:
             if not 0 <= s < len(problem.storage_bytes):
