@@ -94,7 +94,9 @@ def compile_step(
         for position, tensor in zip(positions, flat):
             filled[position] = tensor
         params, buffers, call_args, call_kwargs = pytree.tree_unflatten(filled, spec)
-        return torch.func.functional_call(model, (params, buffers), call_args, call_kwargs)
+        # Boxed in a one-item list: AOTAutograd hands a flat tuple of outputs back
+        # as a list, but a list holding the tuple is rebuilt as it was.
+        return [torch.func.functional_call(model, (params, buffers), call_args, call_kwargs)]
 
     def partition_fn(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int, **_):
         return partition(JointGraph(joint, num_fwd_outputs, names, state.get("real")))
@@ -115,7 +117,7 @@ def compile_step(
         state["real"] = list(flat)
         try:
             with _explain_failures():
-                return function(*flat)
+                return function(*flat)[0]
         finally:
             state.pop("real", None)
 
@@ -184,9 +186,11 @@ def capture(model: nn.Module, *args: Any, **kwargs: Any) -> JointGraph:
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, inputs: Any = ()):
     """Undo what a trial step does: buffers, the gradients of parameters and of
-    the tensors in ``inputs``, and the RNG stream."""
+    the tensors in ``inputs``, the inputs a forward writes in place, and the RNG stream."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    # Which inputs the forward writes is known only after it ran: copy them all.
+    originals = [(t, t._version, t.detach().clone()) for t in leaves if not t.is_inference()]
     holders = list(model.parameters()) + [t for t in leaves if t.requires_grad]
     grads = [t.grad for t in holders]
     with torch.random.fork_rng(devices=_cuda_devices(model)):
@@ -197,6 +201,9 @@ def preserved_state(model: nn.Module, inputs: Any = ()):
                 for name, b in model.named_buffers():
                     if name in buffers:
                         b.copy_(buffers[name])
+                for tensor, version, original in originals:
+                    if tensor._version != version:
+                        tensor.copy_(original)
             for tensor, grad in zip(holders, grads):
                 tensor.grad = grad
 

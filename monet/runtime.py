@@ -13,6 +13,8 @@ or under ``torch.no_grad()`` the wrapped module runs as it is.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import numbers
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +56,13 @@ class Plan:
     """The user's budget in bytes (a re-plan solves for less to make the measurement fit)."""
 
 
+_CONSTANTS = (
+    type(None), numbers.Number, str, bytes, enum.Enum, type(...),
+    torch.dtype, torch.device, torch.layout, torch.memory_format,
+)
+"""Non-tensor arguments a plan can be keyed on: immutable, and equal when their reprs are."""
+
+
 def signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
     """What a plan is specific to: everything that changes the captured graph."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -61,6 +70,8 @@ def signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
     def describe(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return ("tensor", tuple(x.shape), x.dtype, str(x.device), x.requires_grad)
+        if not isinstance(x, _CONSTANTS):
+            _refuse_constant(x, args, kwargs)
         return ("constant", type(x).__name__, repr(x))
 
     params = tuple(
@@ -73,7 +84,32 @@ def signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
         (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         for device in ("cpu", "cuda")
     )
-    return (str(spec), tuple(describe(x) for x in leaves), params, buffers, autocast)
+    # A submodule switched to eval (a frozen batch-norm, dropout off) traces another graph.
+    modes = tuple(m.training for m in model.modules())
+    return (str(spec), tuple(describe(x) for x in leaves), params, buffers, autocast, modes)
+
+
+def _refuse_constant(value: Any, args: tuple, kwargs: dict) -> None:
+    """A non-tensor argument that could change without its repr changing (an array, an
+    object with attributes) would silently reuse a plan made for another value."""
+    where = "an argument"
+    for name, tree in (("args", args), ("kwargs", kwargs)):
+        for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
+            if leaf is value:
+                where = name + pytree.keystr(path)
+    raise TypeError(
+        f"monet cannot take the {type(value).__module__}.{type(value).__qualname__} passed as "
+        f"{where}: non-tensor arguments are baked into the plan, which is reused only where they "
+        "are equal, and monet can tell that only for None, numbers, strings, bytes, enums and "
+        "torch dtypes and devices; pass arrays as torch tensors"
+    )
+
+
+def _requires_grad(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a call builds an autograd graph: some parameter or tensor input requires grad."""
+    return any(p.requires_grad for p in model.parameters()) or any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves((args, kwargs))
+    )
 
 
 def backward_step(
@@ -123,7 +159,11 @@ class MonetModule(nn.Module):
 
     # ----------------------------------------------------------------- nn.Module
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.training or not torch.is_grad_enabled():
+        if (
+            not self.training
+            or not torch.is_grad_enabled()
+            or not _requires_grad(self.module, args, kwargs)
+        ):
             return self.module(*args, **kwargs)
         key = signature(self.module, args, kwargs)
         plan = self._plans.get(key)
