@@ -9,6 +9,7 @@
 from monet.api import OptimizedModule, Report, optimize, parse_budget
 from monet.capture import CaptureError
 from monet.config import Config
+from monet.runtime import ddp_bucket_bytes
 from monet.solver.schedule import InfeasibleBudgetError
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "InfeasibleBudgetError",
     "OptimizedModule",
     "Report",
+    "ddp_bucket_bytes",
     "optimize",
     "parse_budget",
 ]

@@ -131,11 +131,12 @@ class Report:
 class _Budget:
     """Resolves the budget for one input signature, measuring eager's peak when needed."""
 
-    def __init__(self, model: nn.Module, kind: str, value: float, measure: bool):
+    def __init__(self, model: nn.Module, kind: str, value: float, measure: bool, reserve: int = 0):
         self.model = model
         self.kind = kind
         self.value = value
         self.measure = measure
+        self.reserve = reserve
         self.eager_peaks: dict[tuple, int] = {}
 
     def eager_peak(self, args: tuple, kwargs: dict) -> int:
@@ -151,17 +152,20 @@ class _Budget:
         return self.eager_peaks[key]
 
     def __call__(self, args: tuple, kwargs: dict) -> Callable[[int], int]:
-        """Measure eager's peak now if needed; return keep-all peak → budget in bytes.
+        """Measure eager's peak now if needed; return keep-all peak → budget in bytes to plan for.
 
         A fraction is of the unoptimised step's peak: the larger of eager's measured
         peak and monet's keep-everything plan (which counts the step's outputs and
-        their gradients as live to the end, so it can exceed eager's by those bytes).
+        their gradients as live to the end, so it can exceed eager's by those bytes),
+        plus the reserve. The reserve is then taken off what the plan may use.
         """
         if self.kind == "fraction" or self.measure:
             peak = self.eager_peak(args, kwargs)
             if self.kind == "fraction":
-                return lambda keep_all_peak: int(max(peak, keep_all_peak) * self.value)
-        return lambda keep_all_peak: int(self.value)
+                return lambda keep_all_peak: (
+                    int((max(peak, keep_all_peak) + self.reserve) * self.value) - self.reserve
+                )
+        return lambda keep_all_peak: int(self.value) - self.reserve
 
 
 class OptimizedModule(MonetModule):
@@ -204,6 +208,7 @@ def optimize(
     *,
     config: Config | None = None,
     schedule: str | Path | None = None,
+    reserve: int | str = 0,
     **settings: Any,
 ) -> OptimizedModule:
     """A module that trains like ``model`` with each step's peak memory within ``budget``.
@@ -214,14 +219,28 @@ def optimize(
     ``example_inputs`` (a tuple of the forward's arguments) makes the plan now,
     so that an impossible budget fails here; otherwise the first training call
     makes it. ``schedule`` loads a saved schedule instead of solving.
-    Keyword ``settings`` override fields of :class:`monet.config.Config`.
+    ``reserve`` (bytes, or a string with units) is held back from the budget for
+    memory monet does not plan, e.g. DDP's gradient buckets: pass
+    ``monet.ddp_bucket_bytes(model)`` when the result goes into
+    ``DistributedDataParallel``. Keyword ``settings`` override fields of
+    :class:`monet.config.Config`.
     """
     kind, value = parse_budget(budget)
+    reserved = 0
+    if reserve != 0:
+        reserve_kind, reserve_bytes = parse_budget(reserve)
+        if reserve_kind != "bytes":
+            raise ValueError(f"reserve is bytes (an int or a string such as '64MiB'), not {reserve!r}")
+        reserved = int(reserve_bytes)
+        if kind == "bytes" and reserved >= value:
+            raise ValueError(
+                f"reserve {format_bytes(reserved)} leaves nothing of the budget {format_bytes(int(value))}"
+            )
     if not isinstance(model, nn.Module):
         raise TypeError(f"monet.optimize takes an nn.Module, not {type(model).__name__}")
     config = dataclasses.replace(config or Config(), **settings)
-    resolver = _Budget(model, kind, value, config.measure)
-    optimized = OptimizedModule(model, resolver, config, schedule)
+    resolver = _Budget(model, kind, value, config.measure, reserved)
+    optimized = OptimizedModule(model, resolver, config, schedule, reserved)
     if example_inputs is not None:
         if not isinstance(example_inputs, tuple):
             example_inputs = (example_inputs,)

@@ -54,6 +54,8 @@ class Plan:
     eager_step_seconds: float | None = None
     requested_budget: int | None = None
     """The user's budget in bytes (a re-plan solves for less to make the measurement fit)."""
+    reserved: int = 0
+    """Bytes of the user's budget held back for memory monet does not plan (``reserve=``)."""
 
 
 _CONSTANTS = (
@@ -112,6 +114,21 @@ def _requires_grad(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     )
 
 
+def ddp_bucket_bytes(model: nn.Module) -> int:
+    """Bytes of the gradient buckets ``DistributedDataParallel(model)`` keeps on each rank.
+
+    DDP copies every gradient into flat buckets (one element per element of each
+    parameter that requires grad) that live from its construction on, outside
+    the step monet plans. Pass this as ``monet.optimize(..., reserve=)`` so that
+    a DDP rank's peak stays within the budget. With
+    ``gradient_as_bucket_view=True`` the gradients live inside the buckets, but
+    the buckets exist from the start of the step while monet's plan counts each
+    gradient from when the backward makes it, so the same reserve is needed
+    (it over-reserves by the gradients alive at the plan's peak).
+    """
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
 def backward_step(
     model: nn.Module, forward: Callable[[], Any], inputs: Any = ()
 ) -> Callable[[], None]:
@@ -147,10 +164,12 @@ class MonetModule(nn.Module):
         budget: Callable[[tuple, dict], Callable[[int], int]],
         config: Config,
         schedule_path: str | Path | None = None,
+        reserve: int = 0,
     ):
         super().__init__()
         self.module = module
         self._budget = budget
+        self._reserve = reserve
         self._config = config
         self._schedule_path = schedule_path
         self._plans: dict[tuple, Plan] = {}
@@ -198,6 +217,21 @@ class MonetModule(nn.Module):
         key = signature(self.module, args, kwargs)
         if key in self._plans:
             return self._plans[key]
+        try:
+            plan = self._plan_within_budget(key, args, kwargs)
+        except InfeasibleBudgetError as error:
+            if self._reserve:
+                error.add_note(
+                    f"monet planned the step for the budget less the reserve of "
+                    f"{format_bytes(self._reserve)} ({self._reserve} bytes) held back for memory "
+                    "it does not plan: add the reserve to the budgets above"
+                )
+            raise
+        self._plans[key] = plan
+        self._last_plan = plan
+        return plan
+
+    def _plan_within_budget(self, key: tuple, args: tuple, kwargs: dict) -> Plan:
         plan = self._make_plan(key, args, kwargs, self._budget(args, kwargs))
         budget = plan.problem.budget
         if self._config.measure:
@@ -215,9 +249,8 @@ class MonetModule(nn.Module):
                 self._measure(plan, args, kwargs)
             if plan.measured_peak > budget:
                 raise InfeasibleBudgetError(budget, plan.measured_peak)
-        plan.requested_budget = budget
-        self._plans[key] = plan
-        self._last_plan = plan
+        plan.requested_budget = budget + self._reserve
+        plan.reserved = self._reserve
         return plan
 
     def _note(self, message: str) -> None:

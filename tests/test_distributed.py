@@ -7,6 +7,8 @@ ranks save what they saw to files and the tests compare them here:
   the eager model with the same weights: the same gradients on every rank, at
   every step, with a plan that recomputes something;
 - the same with the plan made lazily, on the first call inside DDP's forward;
+- a plan made with ``reserve=monet.ddp_bucket_bytes(model)`` inside DDP: the
+  rank's measured peak, DDP's gradient buckets included, within the budget;
 - FSDP2 ``fully_shard`` over the module ``optimize`` returns, against
   ``fully_shard`` over the eager model;
 - ``fully_shard`` applied to the model first and ``optimize`` over it.
@@ -33,6 +35,7 @@ import monet
 WORLD = 2
 STEPS = 2
 BATCH = 256
+WIDE = 128
 SPAWN_TIMEOUT = 120
 
 
@@ -48,6 +51,41 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.dropout(torch.relu(self.norm(self.fc1(x)))))
+
+
+def wide_mlp() -> nn.Sequential:
+    """Parameters about as large as the activations, so that DDP's buckets matter."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        *(nn.Sequential(nn.Linear(WIDE, WIDE), nn.GELU()) for _ in range(4)), nn.Linear(WIDE, 4)
+    )
+
+
+def _recording_buckets(ddp: nn.Module) -> dict[int, torch.Tensor]:
+    """DDP's flat gradient buckets, recorded by a comm hook that all-reduces as DDP does."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    buckets: dict[int, torch.Tensor] = {}
+
+    def hook(state, bucket):
+        buckets[bucket.index()] = bucket.buffer()
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    return buckets
+
+
+def _ddp_step_peak(ddp: nn.Module, model: nn.Module, x: torch.Tensor, buckets: dict) -> int:
+    """Measured peak of one DDP step on this rank, the buckets (alive before it) counted."""
+    from monet.measure import measure_peak_memory
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        ddp(x).square().mean().backward()
+
+    step()
+    return measure_peak_memory(step, [*model.parameters(), x, *buckets.values()]).peak_bytes
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -100,6 +138,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     )
     generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     batches = [torch.randn(BATCH, 16, generator=generator) for _ in range(STEPS)]
+    wide_batches = [torch.randn(BATCH, WIDE, generator=generator) for _ in range(STEPS)]
 
     def pair() -> tuple[nn.Module, nn.Module]:
         torch.manual_seed(0)
@@ -121,6 +160,33 @@ def _worker(rank: int, port: int, out: str) -> None:
             return {**trained, **_plan_info(optimized)}
         return run
 
+    def ddp_reserved(reserve: bool):
+        def run():
+            from monet.measure import storage_bytes
+
+            model = wide_mlp()
+            reserved = monet.ddp_bucket_bytes(model) if reserve else 0
+            # Without the reserve: the same budget in bytes as the run with it.
+            budget = 0.8 if reserve else results["ddp_reserved"]["budget"]
+            optimized = monet.optimize(
+                model, budget, (wide_batches[0],), reserve=reserved, measure=False, time_limit=5
+            )
+            ddp = DDP(optimized)
+            buckets = _recording_buckets(ddp)
+            # Two steps first: DDP rebuilds its buckets after the first.
+            trained = _train(ddp, model, wide_batches)
+            report = optimized.report()
+            return {
+                **trained, "reserve": reserved, "bucket_bytes": storage_bytes(buckets.values()),
+                "budget": report.budget, "predicted_peak": report.predicted_peak,
+                "ddp_peak": _ddp_step_peak(ddp, model, wide_batches[0], buckets),
+            }
+        return run
+
+    def ddp_wide_eager():
+        reference = wide_mlp()
+        return _train(DDP(reference), reference, wide_batches)
+
     def fsdp_eager():
         _, reference = pair()
         return _train(fully_shard(reference), reference, batches)
@@ -140,6 +206,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     _scenario("ddp_eager", rank, results, ddp_eager)
     _scenario("ddp_monet", rank, results, ddp_monet(lazy=False))
     _scenario("ddp_monet_lazy", rank, results, ddp_monet(lazy=True))
+    _scenario("ddp_wide_eager", rank, results, ddp_wide_eager)
+    _scenario("ddp_reserved", rank, results, ddp_reserved(reserve=True))
+    _scenario("ddp_unreserved", rank, results, ddp_reserved(reserve=False))
     _scenario("fsdp_eager", rank, results, fsdp_eager)
     _scenario("fsdp_monet", rank, results, fsdp_monet)
     _scenario("fsdp_inside", rank, results, fsdp_inside)  # last: it fails part-way
@@ -202,6 +271,23 @@ def test_ddp_over_monet_matches_ddp_over_eager(ranks, scenario):
         _assert_same(result, _ok(rank["ddp_eager"]))
 
 
+def test_a_reserve_for_ddp_buckets_keeps_the_rank_within_the_budget(ranks):
+    # The budget is per rank and DDP's gradient buckets (one copy of every
+    # gradient, alive from DDP's construction on) are outside monet's plan:
+    # optimize(..., reserve=monet.ddp_bucket_bytes(model)) holds them back.
+    for rank in ranks:
+        result = _ok(rank["ddp_reserved"])
+        _assert_same(result, _ok(rank["ddp_wide_eager"]))
+        assert result["reserve"] == result["bucket_bytes"] > 0
+        assert result["ddp_peak"] <= result["budget"]
+        # What DDP adds to the plan's peak is the buckets.
+        assert result["ddp_peak"] <= result["predicted_peak"] + result["bucket_bytes"]
+        # Without the reserve the same budget is exceeded by the buckets.
+        unreserved = _ok(rank["ddp_unreserved"])
+        assert unreserved["budget"] == result["budget"]
+        assert unreserved["ddp_peak"] > unreserved["budget"]
+
+
 def test_fsdp2_over_monet_matches_fsdp2_over_eager(ranks):
     # fully_shard on the module optimize returns: FSDP's pre-forward hook
     # all-gathers the parameters into the wrapped model, whose plan (same
@@ -220,3 +306,12 @@ def test_optimize_over_a_fully_sharded_model_says_what_to_do(ranks):
         assert "error" in result
         assert result["error_type"] == "monet.capture.CaptureError", result["traceback"]
         assert "fully_shard" in result["error"]
+
+
+def test_reserve_is_bytes_and_leaves_some_budget():
+    model = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="reserve is bytes"):
+        monet.optimize(model, "1MiB", reserve=0.5)
+    with pytest.raises(ValueError, match="reserve 2.00 MiB leaves nothing of the budget 1.00 MiB"):
+        monet.optimize(model, "1MiB", reserve="2MiB")
+    assert monet.ddp_bucket_bytes(model.requires_grad_(False)) == 0
