@@ -38,6 +38,7 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,16 +76,20 @@ ATOL = 1e-6
 COMPILE_ATOL = 1e-5  # inductor fuses and reorders float arithmetic
 TIMELINE_BUDGET = 0.5
 
-EAGER, CHECKPOINT, COMPILE, ROCKMATE, REVVIT, MONET = (
+EAGER, CHECKPOINT, COMPILE, ROCKMATE, REVVIT, MONET, MONET_CHECKPOINT = (
     "eager", "checkpoint", "torch.compile", "rockmate", "revvit reversible", "monet",
+    "monet checkpoint-only",
 )
 METHOD_ARGS = {
     "eager": EAGER, "checkpoint": CHECKPOINT, "compile": COMPILE,
     "rockmate": ROCKMATE, "revvit": REVVIT, "monet": MONET,
+    "monet-checkpoint": MONET_CHECKPOINT,
 }
+MONETS = (MONET, MONET_CHECKPOINT)
+"""monet joint (keep/recompute and operator variants) and monet without variants."""
 STYLES = {  # colour and marker per method, the same in every figure
     EAGER: ("black", "*"), CHECKPOINT: ("tab:orange", "s"), COMPILE: ("tab:green", "^"),
-    REVVIT: ("tab:purple", "D"), MONET: ("tab:blue", "o"),
+    REVVIT: ("tab:purple", "D"), MONET: ("tab:blue", "o"), MONET_CHECKPOINT: ("tab:cyan", "v"),
 }
 
 # Models that are not zoo names: a zoo builder with overrides, its batch and image size.
@@ -266,29 +271,39 @@ def compiled_entry(subject: Subject, budget: float) -> Entry:
     return entry
 
 
-def monet_entry(subject: Subject, fraction: float, eager_peak: int, time_limit: float) -> Entry:
+def variants_chosen(optimized: Any) -> str:
+    """The operator variants a plan runs, counted by kind: ``layer_norm.backward_from_output×9``."""
+    counts = Counter(optimized.report().variants.values())
+    return ", ".join(f"{name}×{count}" for name, count in sorted(counts.items())) or "none"
+
+
+def monet_entry(
+    subject: Subject, fraction: float, eager_peak: int, time_limit: float, method: str = MONET
+) -> Entry:
     """monet planned for ``fraction`` of eager's measured peak, in bytes."""
     model = copy.deepcopy(subject.model)
     budget = int(fraction * eager_peak)
     # Bytes from eager's peak measured here, so that 0.5 means half of the eager row;
     # timing_repeats=0: this benchmark times every method itself, side by side.
     optimized = monet.optimize(
-        model, budget, subject.inputs, time_limit=time_limit, timing_repeats=0
+        model, budget, subject.inputs, time_limit=time_limit, timing_repeats=0,
+        variants=method == MONET,
     )
     plan = optimized.last_plan
     assert plan is not None  # example inputs in training mode plan at once
-    entry = Entry(MONET, f"budget {fraction:g}", model, optimized)
+    entry = Entry(method, f"budget {fraction:g}", model, optimized)
     entry.row.update(
         budget_bytes=budget,
         predicted_peak_bytes=plan.schedule.predicted_peak,
         prepare_s=sum(plan.seconds.values()),
         solve_s=plan.schedule.solve_seconds,
         status=f"{plan.schedule.status} ({plan.schedule.backend})",
+        variants=variants_chosen(optimized),
     )
     return entry
 
 
-def monet_least_entry(subject: Subject, time_limit: float) -> Entry:
+def monet_least_entry(subject: Subject, time_limit: float, method: str = MONET) -> Entry:
     """monet at the least peak its solver finds, run from the saved schedule."""
     import tempfile
 
@@ -296,18 +311,21 @@ def monet_least_entry(subject: Subject, time_limit: float) -> Entry:
 
     model = copy.deepcopy(subject.model)
     started = time.perf_counter()
+    joint = method == MONET
     problem = monet.optimize(
-        copy.deepcopy(subject.model), 1.0, subject.inputs, measure=False
+        copy.deepcopy(subject.model), 1.0, subject.inputs, measure=False, variants=joint
     ).last_plan.problem
     schedule, _ = minimum_budget(problem, time_limit)
     with tempfile.TemporaryDirectory() as directory:
         path = f"{directory}/least.json"
         schedule.save(path)
         optimized = monet.optimize(
-            model, schedule.predicted_peak, subject.inputs, schedule=path, timing_repeats=0
+            model, schedule.predicted_peak, subject.inputs, schedule=path, timing_repeats=0,
+            variants=joint,
         )
     plan = optimized.last_plan
-    entry = Entry(MONET, "least peak", model, optimized)
+    entry = Entry(method, "least peak", model, optimized)
+    entry.row.update(variants=variants_chosen(optimized))
     entry.row.update(
         budget_bytes=schedule.predicted_peak,
         predicted_peak_bytes=plan.schedule.predicted_peak,
@@ -454,28 +472,29 @@ def run_model(
         reversible = copy.deepcopy(subject.reversible)
         finish(Entry(REVVIT, "reversible backward", reversible, reversible), REVVIT,
                "reversible backward")
-    if MONET in methods:
+    for method in (m for m in MONETS if m in methods):
         for fraction in arguments.budgets:
             setting = f"budget {fraction:g}"
-            bar.set_description(f"{subject.label}: monet at {setting}")
+            bar.set_description(f"{subject.label}: {method} at {setting}")
             started = time.perf_counter()
             try:
-                entry = monet_entry(subject, fraction, eager_peak, arguments.time_limit)
+                entry = monet_entry(subject, fraction, eager_peak, arguments.time_limit, method)
             except monet.InfeasibleBudgetError as error:
                 least = "?" if error.minimum is None else f"{mib(error.minimum)} MiB"
-                finish(None, MONET, setting, budget_bytes=error.budget, status="infeasible",
+                finish(None, method, setting, budget_bytes=error.budget, status="infeasible",
                        error=f"infeasible (min {least})", minimum_bytes=error.minimum,
                        prepare_s=time.perf_counter() - started)
                 continue
             except Exception as error:  # noqa: BLE001  (recorded in the row)
-                finish(None, MONET, setting, error=error_text(error))
+                finish(None, method, setting, error=error_text(error))
                 continue
-            finish(entry, MONET, setting)
-        bar.set_description(f"{subject.label}: monet at its least peak")
+            finish(entry, method, setting)
+        bar.set_description(f"{subject.label}: {method} at its least peak")
         try:
-            finish(monet_least_entry(subject, arguments.time_limit), MONET, "least peak")
+            finish(monet_least_entry(subject, arguments.time_limit, method), method,
+                   "least peak")
         except Exception as error:  # noqa: BLE001  (recorded in the row)
-            finish(None, MONET, "least peak", error=error_text(error))
+            finish(None, method, "least peak", error=error_text(error))
 
     # Time every runnable method side by side, so that a busy neighbour slows all alike.
     bar.set_description(f"{subject.label}: timing {len(entries)} methods interleaved")
@@ -572,7 +591,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
                          else f"{point['overhead']:.2f}x ({point['setting']})")
         table.append([method, *cells, ""])
     if MONET in best:
-        others = {m: b for m, b in best.items() if m not in (MONET, EAGER)}
+        others = {m: b for m, b in best.items() if m not in (*MONETS, EAGER)}
         cells = []
         least_other = min((b["least"] for b in others.values()),
                           key=lambda r: r["peak_bytes"], default=None)
@@ -590,6 +609,15 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             else:
                 cells.append(f"{mine['overhead'] / rival['overhead']:.2f} of {rival['method']}'s")
         table.append(["monet / best other", *cells, ""])
+    if MONET in best and MONET_CHECKPOINT in best:
+        # What the operator variants add: joint against checkpoint-only, same solver.
+        joint, alone = best[MONET], best[MONET_CHECKPOINT]
+        cells = [f"{joint['least']['peak_bytes'] / alone['least']['peak_bytes']:.2f} of its peak"]
+        for fraction in FRACTIONS:
+            mine, theirs = joint[fraction], alone[fraction]
+            cells.append("-" if mine is None or theirs is None
+                         else f"{mine['overhead'] / theirs['overhead']:.2f} of its time")
+        table.append(["monet / checkpoint-only", *cells, ""])
     header = ["method", "smallest peak (of eager, setting)",
               *[f"time at <= {f:g} of eager's peak" for f in FRACTIONS], "why not run"]
     return markdown_table(header, table)
@@ -758,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         return (1 + 2 * (CHECKPOINT in chosen)
                 + len(arguments.compile_budgets) * (COMPILE in chosen) + (ROCKMATE in chosen)
                 + (REVVIT in chosen)
-                + (len(arguments.budgets) + 1) * (MONET in chosen))
+                + (len(arguments.budgets) + 1) * sum(m in chosen for m in MONETS))
 
     total = sum(row_count(s, c) for s, c in zip(subjects, plans))
     rows: list[dict[str, Any]] = []

@@ -85,6 +85,10 @@ class Report:
     recomputed: int
     nodes: int
     stage_seconds: dict[str, float]
+    variants: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Op (joint-graph node) → the implementation it runs, where not the captured one."""
+    variant_sites: int = 0
+    """Ops that had alternative implementations to choose from."""
 
     @property
     def overhead(self) -> float | None:
@@ -115,7 +119,10 @@ class Report:
                 f"  step time         {self.step_seconds:.3f} s vs eager {self.eager_step_seconds:.3f} s"
                 f"  (overhead {100 * self.overhead:+.1f}%, medians, interleaved)"
             )
-        lines.append(f"  recompute time    {1000 * self.predicted_overhead_seconds:.2f} ms (predicted)")
+        lines.append(
+            f"  added time        {1000 * self.predicted_overhead_seconds:.2f} ms (predicted: "
+            "recomputation and variants)"
+        )
         gap = "" if self.gap is None else f", gap {100 * self.gap:.2f}%"
         lines.append(
             f"  solver            {self.solver_backend} {self.solver_status} in "
@@ -125,6 +132,11 @@ class Report:
             f"  schedule          {self.kept} storages kept, {self.recomputed} ops recomputed, "
             f"{self.nodes} graph nodes"
         )
+        lines.append(
+            f"  variants          {len(self.variants)} of {self.variant_sites} ops run another "
+            "implementation"
+        )
+        lines += [f"    {op:<30} {name}" for op, name in sorted(self.variants.items())]
         return "\n".join(lines)
 
 
@@ -197,6 +209,12 @@ class OptimizedModule(MonetModule):
             recomputed=len(schedule.recompute),
             nodes=len(plan.problem.nodes),
             stage_seconds=dict(plan.seconds),
+            variants={
+                choice.name: choice.alternatives[picked].name
+                for choice, picked in zip(plan.problem.choices, schedule.variants)
+                if picked
+            },
+            variant_sites=len(plan.problem.choices),
         )
 
 

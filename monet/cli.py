@@ -16,11 +16,13 @@ exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import math
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -219,7 +221,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     """Capture and profile a zoo model; write its scheduling problem as JSON."""
     import monet
     from monet.api import parse_budget
-    from monet.solver import Problem, format_bytes, keep_all
+    from monet.solver import format_bytes, keep_all
 
     model, inputs, batch = zoo_model(args.model, args.batch)
     kind = parse_budget(args.budget)[0] if args.budget is not None else None
@@ -242,9 +244,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         # measured peak and the keep-everything plan, which is what 1.0 resolved to.
         budget = resolve_budget(args.budget, planned.budget or 0)
     meta = {**planned.meta, "model": args.model, "batch": batch, "inputs": shapes(inputs)}
-    problem = Problem(
-        planned.nodes, planned.storage_bytes, planned.graph_hash, planned.name, budget, meta
-    )
+    problem = dataclasses.replace(planned, budget=budget, meta=meta)
     problem.save(args.output)
 
     phases = {phase: len(problem.indices(phase)) for phase in ("input", "forward", "backward")}
@@ -260,6 +260,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"({format_bytes(sum(problem.storage_bytes))} in all)"
     )
     print(f"keep-all     peak {format_bytes(keep_all_peak)} ({keep_all_peak} bytes)")
+    kinds = Counter(a.name for c in problem.choices for a in c.alternatives[1:])
+    offered = ", ".join(f"{name} x{count}" for name, count in sorted(kinds.items())) or "none"
+    print(f"variants     {len(problem.choices)} ops with alternatives: {offered}")
     stored = "none" if budget is None else f"{format_bytes(budget)} ({budget} bytes)"
     print(f"budget       {stored}")
     print(

@@ -23,5 +23,12 @@ class Config:
     """If a measured peak exceeds the budget, re-solve this many times with the excess taken off."""
     progress: bool = False
     """Show progress bars and solver progress on stderr."""
+    variants: bool = True
+    """Let the solver choose operator implementations (``monet.operators``) with the schedule."""
+    lossy_variants: bool = False
+    """Also offer variants that change results beyond float rounding (none are on by default)."""
+    kernel_variants: bool = False
+    """Also offer other kernels for forward ops (e.g. convolution without oneDNN): their
+    rounding differs from eager's, which can flip a max-pool's argmax downstream."""
     check_simulation: bool = True
     """Simulate the lowered graphs and require the solver's predicted peak exactly."""

@@ -9,13 +9,14 @@ that lives and dies together. Sizes are the storages' byte counts.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from monet.capture import JointGraph
+from monet.operators import Site, find_sites
 from monet.solver.problem import Node, Problem, structure_hash
 
 
@@ -30,6 +31,8 @@ class AnalysedGraph:
     problem: Problem
     mutated_inputs: set[fx.Node]
     """Primals the step mutates (running statistics): updated in place after the forward."""
+    sites: list[Site] = field(default_factory=list)
+    """Operator variant sites, in the order of the problem's choices once profiled."""
 
 
 def tensors_in(value: object) -> list[torch.Tensor]:
@@ -54,8 +57,10 @@ def has_side_effects(node: fx.Node) -> bool:
     return node.op == "call_function" and target is not operator.getitem
 
 
-def analyse(joint: JointGraph) -> AnalysedGraph:
-    """Phases, storages and flags of every node of ``joint``."""
+def analyse(
+    joint: JointGraph, variants: bool = True, lossy: bool = False, forward_kernels: bool = False
+) -> AnalysedGraph:
+    """Phases, storages and flags of every node of ``joint``, and its variant sites."""
     graph = joint.module.graph
     output = graph.output_node()
     outs = list(output.args[0])
@@ -128,7 +133,16 @@ def analyse(joint: JointGraph) -> AnalysedGraph:
         )
     frozen = tuple(nodes)
     problem = Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)))
-    return AnalysedGraph(joint, order, index, problem, mutated)
+    sites = find_sites(order, lossy, forward_kernels) if variants else []
+    # A rewrite of a forward node may not change what it reads (problem.py).
+    sites = [
+        site for site in sites
+        if all(
+            nodes[index[r.node]].phase == "backward" or r.inputs() == r.node.all_input_nodes
+            for a in site.alternatives for r in a.rewrites
+        )
+    ]
+    return AnalysedGraph(joint, order, index, problem, mutated, sites)
 
 
 def _mutated_inputs(output: fx.Node, primals: list[fx.Node]) -> set[fx.Node]:

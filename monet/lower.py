@@ -10,10 +10,14 @@ last use, as the simulator assumes.
 
 from __future__ import annotations
 
+import copy
+
 from torch import fx
 from torch.fx.graph import _BoxedCodeGen
 
 from monet.graph import AnalysedGraph
+from monet.operators import Rewrite, apply_rewrites
+from monet.solver.problem import Choice
 from monet.solver.program import RELEASE, Program
 
 
@@ -26,30 +30,67 @@ def release(*values: object) -> None:
     return
 
 
-def lower(analysed: AnalysedGraph, program: Program) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Forward and backward graph modules for ``program`` (AOTAutograd's contract)."""
+def chosen_rewrites(
+    analysed: AnalysedGraph, choices: tuple[Choice, ...], variants: tuple[int, ...]
+) -> list[tuple[str, Rewrite]]:
+    """(variant name, rewrite) of every non-default alternative the program runs."""
+    sites = {site.name: site for site in analysed.sites}
+    result = []
+    for choice, picked in zip(choices, variants, strict=True):
+        if picked == 0:
+            continue
+        name = choice.alternatives[picked].name
+        site = sites.get(choice.name)
+        found = [a for a in site.alternatives if a.name == name] if site else []
+        if not found:
+            raise LoweringError(f"no variant {name} at {choice.name} in this graph")
+        result += [(name, rewrite) for rewrite in found[0].rewrites]
+    return result
+
+
+def lower(
+    analysed: AnalysedGraph, program: Program, choices: tuple[Choice, ...] = ()
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Forward and backward graph modules for ``program`` (AOTAutograd's contract).
+
+    ``choices`` are the profiled problem's; the program's variants pick among them.
+    """
     from torch._functorch.partitioners import _extract_fwd_bwd_modules
 
     order = analysed.order
     nodes = analysed.problem.nodes
-    saved = [order[i] for i in program.saved]
+    joint = analysed.joint.module
+    env: dict[fx.Node, fx.Node] = {n: n for n in order}
+    rewrites = chosen_rewrites(analysed, choices, program.variants)
+    if rewrites:
+        # Rewrite a copy: the joint graph stays the captured one for later plans.
+        graph, env = _copy_graph(joint.graph)
+        apply_rewrites(graph, [r for _, r in rewrites], env)
+        joint = fx.GraphModule(joint, graph)
+        for original, duplicate in env.items():
+            if duplicate.name != original.name:
+                raise LoweringError(
+                    f"copying the graph renamed {original.name} to {duplicate.name}"
+                )
+    saved = [env[order[i]] for i in program.saved]
     # The backward reads parameters and inputs through the saved values too.
     primal_reads = {
         k
         for step in program.backward
         if step.node != RELEASE
-        for k in nodes[step.node].inputs
+        for k, _ in step.reads
         if nodes[k].phase == "input"
     }
-    saved += [order[k] for k in sorted(primal_reads)]
+    saved += [env[order[k]] for k in sorted(primal_reads)]
+    mutated = {env[n] for n in analysed.mutated_inputs}
     for node in saved:
-        if node in analysed.mutated_inputs:
+        if node in mutated:
             # A recomputed batch-norm reads its running statistics after the
             # forward updated them in place; that is correct (graph.py), so skip
             # autograd's version check by stashing them on the context.
             node.meta["saved_tensor_with_no_vc_check"] = True
     forward_module, backward_module = _extract_fwd_bwd_modules(
-        analysed.joint.module, saved, [], num_fwd_outputs=analysed.joint.num_forward_outputs
+        joint, saved, [], num_fwd_outputs=analysed.joint.num_forward_outputs
     )
     _check_forward(forward_module, analysed, program)
     backward_module = _reorder_backward(backward_module, analysed, program)
@@ -57,6 +98,16 @@ def lower(analysed: AnalysedGraph, program: Program) -> tuple[fx.GraphModule, fx
         module.graph.set_codegen(_BoxedCodeGen())
         module.recompile()
     return forward_module, backward_module
+
+
+def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A copy of ``graph`` (names, metadata and the output's descriptors kept) and the node map."""
+    result = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    value, output = result.graph_copy(graph, env, return_output_node=True)
+    env[output] = result.output(value)
+    env[output].meta = copy.copy(output.meta)
+    return result, env
 
 
 def _check_forward(module: fx.GraphModule, analysed: AnalysedGraph, program: Program) -> None:

@@ -25,7 +25,15 @@ from torch import fx
 
 from monet.graph import AnalysedGraph
 from monet.measure import quiet_profiler
-from monet.solver.problem import Problem, write_json_atomic
+from monet.operators import Rewrite, VariantRefused
+from monet.solver.problem import (
+    Alternative,
+    Choice,
+    Override,
+    Problem,
+    structure_hash,
+    write_json_atomic,
+)
 
 CACHE_VERSION = 1
 
@@ -95,8 +103,12 @@ class ProfileStats:
     seconds: float
 
 
-def signature(node: fx.Node, args: Any, kwargs: Any, device: torch.device) -> str:
+def signature(node: fx.Node, args: Any, kwargs: Any, device: torch.device, target: Any = None) -> str:
     """The cache key: op, argument shapes/strides/dtypes and constants, device, threads."""
+    target = node.target if target is None else target
+    name = getattr(target, "__module__", "") + "." + getattr(target, "__qualname__", str(target))
+    if isinstance(target, torch._ops.OpOverload):
+        name = str(target)
 
     def describe(x: Any) -> str:
         if isinstance(x, torch.Tensor):
@@ -107,9 +119,7 @@ def signature(node: fx.Node, args: Any, kwargs: Any, device: torch.device) -> st
             return "{" + ",".join(f"{k}={describe(v)}" for k, v in sorted(x.items())) + "}"
         return repr(x)
 
-    return (
-        f"{device}|t{torch.get_num_threads()}|{node.target}|{describe(args)}|{describe(kwargs)}"
-    )
+    return f"{device}|t{torch.get_num_threads()}|{name}|{describe(args)}|{describe(kwargs)}"
 
 
 def _tangent_value(node: fx.Node, device: torch.device) -> torch.Tensor:
@@ -141,39 +151,123 @@ def profile(
     cache = cache if cache is not None else ProfileCache()
     order = analysed.order
     device = primals[0].device if primals else torch.device("cpu")
+    runs = _variant_runs(analysed)
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(
         devices=[device.index or 0] if device.type == "cuda" else []
     ):
-        keys, times = _timing_pass(analysed, primals, device, cache, repeats, progress)
+        keys, times, refused = _timing_pass(
+            analysed, primals, device, cache, repeats, progress, runs
+        )
         missing = {i for i, key in keys.items() if cache.get(key) is None}
-        workspaces = _workspace_pass(analysed, primals, device, missing) if missing else {}
+        workspaces = (
+            _workspace_pass(analysed, primals, device, missing, runs, refused) if missing else {}
+        )
     for i, key in keys.items():
         if i in missing:
             cache.put(key, times[i], workspaces.get(i, 0))
     cache.save()
+
+    def measured(i: Any) -> tuple[float, int]:
+        return cache.get(keys[i]) or (0.0, 0) if i in keys else (0.0, 0)
+
     nodes = []
     for i, node in enumerate(analysed.problem.nodes):
-        if i in keys:
-            seconds, workspace = cache.get(keys[i]) or (0.0, 0)
-        else:
-            seconds, workspace = 0.0, 0
+        seconds, workspace = measured(i)
         nodes.append(dataclasses.replace(node, time=seconds, workspace=workspace))
-    problem = dataclasses.replace(analysed.problem, nodes=tuple(nodes))
+    choices = []
+    for c, site in enumerate(analysed.sites):
+        alternatives = [Alternative("default")]
+        for k, alternative in enumerate(site.alternatives):
+            if (c, k) in refused:
+                continue
+            overrides = []
+            for m, rewrite in enumerate(alternative.rewrites):
+                seconds, workspace = measured((c, k, m))
+                overrides.append(Override(
+                    analysed.index[rewrite.node],
+                    tuple(analysed.index[n] for n in rewrite.inputs()),
+                    seconds, workspace,
+                ))
+            if not any(_worth_offering(nodes[o.node], o) for o in overrides):
+                continue
+            alternatives.append(Alternative(alternative.name, tuple(overrides), alternative.lossy))
+        if len(alternatives) > 1:
+            choices.append(Choice(site.name, tuple(alternatives)))
+    base = analysed.problem
+    problem = dataclasses.replace(
+        base, nodes=tuple(nodes), choices=tuple(choices),
+        graph_hash=structure_hash(tuple(nodes), base.storage_bytes, tuple(choices)),
+    )
     stats = ProfileStats(len(order), len(missing), len(keys) - len(missing),
                          time.perf_counter() - started)
     return problem, stats
 
 
+FASTER = 0.95
+"""A variant that only changes speed must be at least 5% faster to be offered."""
+
+
+def _worth_offering(node, override: Override) -> bool:
+    """Whether an override could ever beat the captured node: it reads other values,
+    needs less workspace, or is clearly faster (not a timing wobble)."""
+    return (
+        override.inputs != node.inputs
+        or override.workspace < node.workspace
+        or override.time < FASTER * node.time
+    )
+
+
+VariantRuns = dict[int, list[tuple[tuple[int, int, int], Rewrite]]]
+"""Node index → ((site, alternative, rewrite) key, rewrite) of the variants that replace it."""
+
+
+def _variant_runs(analysed: AnalysedGraph) -> VariantRuns:
+    runs: VariantRuns = {}
+    for c, site in enumerate(analysed.sites):
+        for k, alternative in enumerate(site.alternatives):
+            for m, rewrite in enumerate(alternative.rewrites):
+                runs.setdefault(analysed.index[rewrite.node], []).append(((c, k, m), rewrite))
+    return runs
+
+
+def _run_variants(i, runs: VariantRuns, env, refused: set, each) -> None:
+    """Call ``each(key, target, args, kwargs)`` for every variant of node ``i`` still offered."""
+    for key, rewrite in runs.get(i, ()):
+        if key[:2] in refused:
+            continue
+        args = fx.node.map_arg(rewrite.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(rewrite.kwargs, lambda n: env[n])
+        try:
+            each(key, rewrite.target, args, kwargs)
+        except VariantRefused:
+            refused.add(key[:2])
+        except Exception as error:  # noqa: BLE001  (a failing variant is not offered, loudly)
+            warnings.warn(f"monet: variant {rewrite.target.__name__} failed on "
+                          f"{rewrite.node.name} and is not offered: {error}")
+            refused.add(key[:2])
+
+
 def _execute(
-    analysed: AnalysedGraph, primals: list[torch.Tensor], device: torch.device, visit
+    analysed: AnalysedGraph,
+    primals: list[torch.Tensor],
+    device: torch.device,
+    visit,
+    runs: VariantRuns | None = None,
 ) -> None:
-    """Run the joint graph in monet's order, freeing values at their last use."""
+    """Run the joint graph in monet's order, freeing values at their last use.
+
+    ``visit(i, node, args, kwargs, env)`` computes each node; values a variant
+    of node ``i`` reads stay alive until ``i`` has run.
+    """
     order = analysed.order
     index = analysed.index
     last_use: dict[fx.Node, int] = {}
     for i, node in enumerate(order):
-        for inp in node.all_input_nodes:
-            last_use[inp] = i
+        readers = list(node.all_input_nodes)
+        for _, rewrite in (runs or {}).get(i, ()):
+            readers += rewrite.inputs()
+        for inp in readers:
+            last_use[inp] = max(last_use.get(inp, i), i)
     env: dict[fx.Node, Any] = {}
     primal_iter = iter(primals)
     for i, node in enumerate(order):
@@ -185,73 +279,108 @@ def _execute(
         else:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = visit(i, node, args, kwargs)
-        for inp in node.all_input_nodes:
-            if last_use[inp] == i and analysed.problem.nodes[index[inp]].phase not in ("input",):
+            env[node] = visit(i, node, args, kwargs, env)
+        for inp in [m for m in env if last_use.get(m) == i]:
+            if analysed.problem.nodes[index[inp]].phase not in ("input",):
                 del env[inp]
         if node not in last_use and phase not in ("input",):
             del env[node]
 
 
-def _timing_pass(analysed, primals, device, cache, repeats, progress):
-    keys: dict[int, str] = {}
-    times: dict[int, float] = {}
+def _time(target, args, kwargs, device, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        target(*args, **kwargs)
+        _synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _timing_pass(analysed, primals, device, cache, repeats, progress, runs):
+    keys: dict[Any, str] = {}
+    times: dict[Any, float] = {}
     timed: dict[str, float] = {}
+    refused: set[tuple[int, int]] = set()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(analysed.order), desc="monet: profiling", unit="op", file=sys.stderr)
 
-    def visit(i: int, node: fx.Node, args: Any, kwargs: Any) -> Any:
+    def measure(i: Any, node: fx.Node, target, args: Any, kwargs: Any) -> None:
+        key = signature(node, args, kwargs, device, target)
+        keys[i] = key
+        if key in timed:
+            times[i] = timed[key]
+        elif cache.get(key) is None:
+            times[i] = timed[key] = _time(target, args, kwargs, device, repeats)
+
+    def visit(i: int, node: fx.Node, args: Any, kwargs: Any, env) -> Any:
         if bar is not None:
             bar.update(1)
         value = node.target(*args, **kwargs)
         if _is_free(node):
             return value
-        key = signature(node, args, kwargs, device)
-        keys[i] = key
-        if key in timed:
-            times[i] = timed[key]
-        elif cache.get(key) is None:
-            samples = []
-            for _ in range(repeats):
-                _synchronize(device)
-                start = time.perf_counter()
-                node.target(*args, **kwargs)
-                _synchronize(device)
-                samples.append(time.perf_counter() - start)
-            times[i] = timed[key] = statistics.median(samples)
+        measure(i, node, node.target, args, kwargs)
+
+        def each(key, target, v_args, v_kwargs) -> None:
+            target(*v_args, **v_kwargs)  # warm, and refuses inputs it cannot take
+            variant_key = signature(node, v_args, v_kwargs, device, target)
+            keys[key] = variant_key
+            if variant_key in timed:
+                times[key] = timed[variant_key]
+            elif cache.get(variant_key) is None:
+                # Against the default, alternately: the ratio survives a busy
+                # neighbour that a pair of separate medians would not.
+                ratios = [
+                    _time(target, v_args, v_kwargs, device, 1)
+                    / max(_time(node.target, args, kwargs, device, 1), 1e-9)
+                    for _ in range(max(3, repeats))
+                ]
+                base = times[i] if i in times else cache.get(keys[i])[0]
+                times[key] = timed[variant_key] = base * statistics.median(ratios)
+
+        _run_variants(i, runs, env, refused, each)
         return value
 
     # Inputs and tangents are not visited; advance the bar for them too.
     if bar is not None:
         bar.update(sum(1 for n in analysed.problem.nodes if n.phase in ("input", "tangent")))
     try:
-        _execute(analysed, primals, device, visit)
+        _execute(analysed, primals, device, visit, runs)
     finally:
         if bar is not None:
             bar.close()
-    return keys, times
+    return keys, times, refused
 
 
-def _workspace_pass(analysed, primals, device, wanted: set[int]) -> dict[int, int]:
-    """Bytes each wanted node allocates beyond its outputs, from allocator events."""
+def _workspace_pass(analysed, primals, device, wanted: set, runs, refused) -> dict[Any, int]:
+    """Bytes each wanted node (or variant) allocates beyond its outputs, from allocator events."""
     if device.type == "cuda":
-        return _cuda_workspaces(analysed, primals, device, wanted)
+        return _cuda_workspaces(analysed, primals, device, wanted, runs, refused)
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
-    def visit(i: int, node: fx.Node, args: Any, kwargs: Any) -> Any:
-        if i not in wanted:
-            return node.target(*args, **kwargs)
-        with record_function(f"monet::node{i}"):
-            return node.target(*args, **kwargs)
+    labels: list[Any] = []
+
+    def run(key: Any, target, args: Any, kwargs: Any) -> Any:
+        if key not in wanted:
+            return target(*args, **kwargs)
+        labels.append(key)
+        with record_function(f"monet::node{len(labels) - 1}"):
+            return target(*args, **kwargs)
+
+    def visit(i: int, node: fx.Node, args: Any, kwargs: Any, env) -> Any:
+        value = run(i, node.target, args, kwargs)
+        _run_variants(i, runs, env, refused, run)
+        return value
 
     with quiet_profiler(), torch_profile(
         activities=[ProfilerActivity.CPU], profile_memory=True
     ) as prof:
-        _execute(analysed, primals, device, visit)
+        _execute(analysed, primals, device, visit, runs)
     ranges: list[tuple[int, int, int]] = []
     allocations: list[tuple[int, int]] = []
     for event in prof.profiler.kineto_results.events():
@@ -273,25 +402,31 @@ def _workspace_pass(analysed, primals, device, wanted: set[int]) -> dict[int, in
             level += allocations[k][1]
             peak = max(peak, level)
             k += 1
-        result[i] = max(0, peak - max(level, 0))
+        result[labels[i]] = max(0, peak - max(level, 0))
     return result
 
 
-def _cuda_workspaces(analysed, primals, device, wanted: set[int]) -> dict[int, int]:
-    result: dict[int, int] = {}
+def _cuda_workspaces(analysed, primals, device, wanted: set, runs, refused) -> dict[Any, int]:
+    result: dict[Any, int] = {}
 
-    def visit(i: int, node: fx.Node, args: Any, kwargs: Any) -> Any:
-        if i not in wanted:
-            return node.target(*args, **kwargs)
+    def run(key: Any, target, args: Any, kwargs: Any) -> Any:
+        if key not in wanted:
+            return target(*args, **kwargs)
         torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        value = node.target(*args, **kwargs)
+        value = target(*args, **kwargs)
         torch.cuda.synchronize(device)
         after = torch.cuda.memory_allocated(device)
-        result[i] = max(0, torch.cuda.max_memory_allocated(device) - after)
+        result[key] = max(0, torch.cuda.max_memory_allocated(device) - max(after, before))
         return value
 
-    _execute(analysed, primals, device, visit)
+    def visit(i: int, node: fx.Node, args: Any, kwargs: Any, env) -> Any:
+        value = run(i, node.target, args, kwargs)
+        _run_variants(i, runs, env, refused, run)
+        return value
+
+    _execute(analysed, primals, device, visit, runs)
     return result
 
 

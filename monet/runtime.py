@@ -272,7 +272,9 @@ class MonetModule(nn.Module):
         def partition(joint: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
             t = time.perf_counter()
             seconds["capture"] = t - started
-            analysed = analyse(joint)
+            analysed = analyse(
+                joint, config.variants, config.lossy_variants, config.kernel_variants
+            )
             if joint.real_primals is None:
                 raise RuntimeError("monet: the real inputs were not handed to the partitioner")
             problem, stats = profile(
@@ -284,6 +286,7 @@ class MonetModule(nn.Module):
                 type(self.module).__name__, resolved,
                 {"device": str(joint.real_primals[0].device), "profiled_ops": stats.measured,
                  "cached_ops": stats.cached},
+                problem.choices,
             )
             seconds["profile"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -298,13 +301,13 @@ class MonetModule(nn.Module):
             seconds["solve"] = time.perf_counter() - t
             t = time.perf_counter()
             program = build_program(problem, schedule)
-            forward_graph, backward_graph = lower(analysed, program)
+            forward_graph, backward_graph = lower(analysed, program, problem.choices)
             names = {n.name: i for n, i in analysed.index.items()}
             simulation = simulate(
                 problem,
                 program_of_graphs(
                     problem, names, forward_graph.graph, backward_graph.graph,
-                    joint.num_forward_outputs,
+                    joint.num_forward_outputs, program.variants,
                 ),
             )
             if config.check_simulation and simulation.peak != schedule.predicted_peak:

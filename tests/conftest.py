@@ -43,3 +43,29 @@ MODELS = {
     "vit": (small_vit, (16, 3, 32, 32)),
     "convnet": (lambda: SmallConvNet(blocks=4), (8, 3, 32, 32)),
 }
+
+
+def step_with_loss(module, x, seed: int) -> torch.Tensor:
+    """One forward and backward on a fixed seed (dropout draws the same masks)."""
+    torch.manual_seed(seed)
+    out = module(x)
+    (out.float().square().mean() + out.sum()).backward()
+    return out.detach()
+
+
+def assert_same_step(optimized, model, reference, x, close: dict, reference_context=None):
+    """One step of ``optimized`` (wrapping ``model``) and of ``reference`` on input ``x``:
+    outputs, the input's gradient, parameter gradients and buffers agree within ``close``."""
+    import contextlib
+
+    out = step_with_loss(optimized, x, seed=1)
+    grad_x = x.grad.clone()
+    x.grad = None
+    with reference_context or contextlib.nullcontext():
+        expected = step_with_loss(reference, x, seed=1)
+    torch.testing.assert_close(out, expected, **close)
+    torch.testing.assert_close(grad_x, x.grad, **close)
+    for (param_name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **close, msg=param_name)
+    for (buffer_name, b), c in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, **close, msg=buffer_name)

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import MODELS
+from conftest import MODELS, assert_same_step
 
 import monet
 from monet.solver import minimum_budget
@@ -42,13 +42,6 @@ def _smallest_budget(name: str, directory) -> tuple[int, str]:
     return _SMALLEST[name]
 
 
-def _step(module, x, seed: int):
-    torch.manual_seed(seed)
-    out = module(x)
-    (out.float().square().mean() + out.sum()).backward()
-    return out.detach()
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("budget", BUDGETS, ids=str)
 def test_matches_eager_within_budget(name, budget, tmp_path_factory):
@@ -68,19 +61,16 @@ def test_matches_eager_within_budget(name, budget, tmp_path_factory):
     assert plan.simulation.peak == plan.schedule.predicted_peak
     assert abs(report.measured_peak - report.predicted_peak) <= 0.05 * report.predicted_peak
     if budget == 1.0:
-        assert report.recomputed == 0
+        # Keeping everything fits: the plan adds no time (a faster kernel may even
+        # pay for a cheap recomputation).
+        assert report.predicted_overhead_seconds <= 1e-12
+        if not report.variants:
+            assert report.recomputed == 0
 
-    out = _step(optimized, x, seed=1)
-    grad_x = x.grad.clone()
-    x.grad = None
-    expected = _step(reference, x, seed=1)
-    close = {"rtol": 1e-5, "atol": 1e-7}
-    torch.testing.assert_close(out, expected, **close)
-    torch.testing.assert_close(grad_x, x.grad, **close)
-    for (param_name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, **close, msg=param_name)
-    for (buffer_name, b), c in zip(model.named_buffers(), reference.buffers()):
-        torch.testing.assert_close(b, c, **close, msg=buffer_name)
+    # Operator variants (a norm's backward from its output, another kernel) round
+    # differently; without them the step is eager's arithmetic.
+    close = {"rtol": 1e-4, "atol": 1e-6} if report.variants else {"rtol": 1e-5, "atol": 1e-7}
+    assert_same_step(optimized, model, reference, x, close)
 
 
 def test_lower_budgets_recompute_more():

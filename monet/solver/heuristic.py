@@ -53,22 +53,30 @@ def fastest_variants(problem: Problem) -> tuple[int, ...]:
 
 
 def leanest_variants(problem: Problem) -> tuple[int, ...]:
-    """Per choice, the alternative whose overridden nodes read the fewest forward bytes."""
+    """Per choice, the alternative that makes the backward hold the fewest extra bytes.
+
+    What a touched node reads costs nothing when an untouched backward node
+    reads it anyway (a norm's output, which the next linear's backward reads);
+    only the rest counts.
+    """
+    structure = analyse(problem)
+    read_anyway = set(structure.first_read)
+    decision = set(structure.decision_storages)
     nodes, sizes = problem.nodes, problem.storage_bytes
 
-    def forward_bytes(inputs: tuple[int, ...]) -> int:
+    def extra_bytes(inputs: tuple[int, ...]) -> int:
         storages = {s for j in inputs if nodes[j].phase == "forward" for s in nodes[j].storages}
-        return sum(sizes[s] for s in storages)
+        return sum(sizes[s] for s in storages & decision - read_anyway)
 
     result = []
     for choice in problem.choices:
         touched = sorted({o.node for a in choice.alternatives for o in a.overrides})
-        read = []
+        cost = []
         for a in choice.alternatives:
             inputs = {i: nodes[i].inputs for i in touched}
             inputs.update({o.node: o.inputs for o in a.overrides})
-            read.append(sum(forward_bytes(v) for v in inputs.values()))
-        result.append(min(range(len(read)), key=lambda k: (read[k], k)))
+            cost.append(sum(extra_bytes(v) for v in inputs.values()))
+        result.append(min(range(len(cost)), key=lambda k: (cost[k], k)))
     return tuple(result)
 
 

@@ -1,0 +1,108 @@
+"""Operator variants: other implementations of an op of the joint graph.
+
+A variant is found by matching a pattern in the captured aten graph; it
+rewrites one or more nodes (a new target and arguments) so that they read
+other values, take another time or need another workspace, with the same
+results up to float rounding (lossy variants say so and are off by default).
+The solver picks one alternative per site together with what to keep and
+recompute (``monet.solver.problem.Choice``); the lowering applies the rewrites
+the schedule names.
+
+    sites = find_sites(order, forward_nodes)   # graph.py
+    choice = site.choice(index, timings)       # profile.py, once measured
+    apply_rewrites(graph, chosen)              # lower.py
+
+Each variant lives in its own module with its forward or backward function
+and is tested for equality with the default (``tests/operators``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+
+class VariantRefused(ValueError):
+    """A variant cannot run on these values (e.g. a norm weight with exact zeros)."""
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """Run ``node`` as ``target(*args, **kwargs)``; the arguments may name other graph nodes."""
+
+    node: fx.Node
+    target: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def inputs(self) -> list[fx.Node]:
+        """The nodes the rewritten node reads, in fx's ``all_input_nodes`` order."""
+        found: dict[fx.Node, None] = {}
+        fx.node.map_arg((self.args, self.kwargs), lambda n: found.setdefault(n))
+        return list(found)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    name: str
+    rewrites: tuple[Rewrite, ...]
+    lossy: bool = False
+    """Changes results beyond float rounding: only offered when asked for."""
+    forward_rounding: bool = False
+    """Another kernel for a forward op: its values round differently from eager's, and a
+    discrete op downstream (a max-pool's argmax, a ReLU at 0) can then decide
+    differently. Only offered when asked for; backward-only variants never do this."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """An op with alternative implementations (the captured one is implied)."""
+
+    name: str
+    alternatives: tuple[Alternative, ...]
+
+
+Finder = Callable[[fx.Node], Iterable[Site]]
+
+
+def _finders() -> list[Finder]:
+    from monet.operators import conv, norms
+
+    return [norms.layer_norm_sites, norms.batch_norm_sites, conv.convolution_sites]
+
+
+def find_sites(
+    nodes: Iterable[fx.Node], lossy: bool = False, forward_kernels: bool = False
+) -> list[Site]:
+    """Every variant site among ``nodes`` (the joint graph's calls)."""
+    sites = []
+    finders = _finders()
+    claimed: set[fx.Node] = set()
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        for finder in finders:
+            for site in finder(node):
+                alternatives = tuple(
+                    a for a in site.alternatives
+                    if (lossy or not a.lossy) and (forward_kernels or not a.forward_rounding)
+                )
+                touched = {r.node for a in alternatives for r in a.rewrites}
+                if not alternatives or touched & claimed:
+                    continue
+                claimed |= touched
+                sites.append(Site(site.name, alternatives))
+    return sites
+
+
+def apply_rewrites(graph: fx.Graph, rewrites: Iterable[Rewrite], env: dict[fx.Node, fx.Node]):
+    """Point the copies (``env``) of the rewritten nodes at their variant's target and args."""
+    for rewrite in rewrites:
+        copy = env[rewrite.node]
+        copy.target = rewrite.target
+        copy.args = fx.node.map_arg(rewrite.args, lambda n: env[n])
+        copy.kwargs = fx.node.map_arg(rewrite.kwargs, lambda n: env[n])
+    graph.lint()

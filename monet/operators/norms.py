@@ -1,0 +1,164 @@
+"""Norm backwards that read the norm's output instead of its input.
+
+A norm's backward needs the normalised input ``x̂``; autograd keeps the input
+``x`` (and the statistics) to rebuild it. The norm's output ``y = x̂·w + b``
+is usually kept anyway (the next linear or convolution reads it for its
+weight gradient), and ``x = ((y − b) / w) / rstd + mean`` is exact up to
+rounding when no weight is zero; the variant rebuilds it (the workspace of
+one input) and runs aten's own backward. Reading ``y`` lets the solver drop ``x`` for free: in a
+pre-norm transformer that is the residual stream, twice per block (MONeT's
+"output-activated" norm, in-place ABN's inversion, for layer norm too).
+
+A weight with an exact zero cannot be inverted: the function refuses it
+(:class:`VariantRefused`), so profiling does not offer the variant, and a run
+whose weights became zero later stops with that error rather than a wrong
+gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import fx
+
+from monet.operators import Alternative, Rewrite, Site, VariantRefused
+
+aten = torch.ops.aten
+
+
+def _check_invertible(weight: torch.Tensor | None, what: str) -> None:
+    if weight is not None and bool((weight == 0).any()):
+        raise VariantRefused(
+            f"{what}: the weight has exact zeros, so its output cannot be inverted; "
+            "optimize with variants=False or re-plan"
+        )
+
+
+def _input_from_output(out, weight, bias, mean, scale_inverse, shape=None):
+    """``x = ((y − b) / w) / rstd + mean``: two passes over ``y``, then aten's own backward."""
+    view = (lambda t: t) if shape is None else (lambda t: t.view(shape))
+    if weight is not None:
+        inverse = view(weight).reciprocal()
+        shift = -view(bias) * inverse if bias is not None else torch.zeros_like(inverse)
+        x_hat = torch.addcmul(shift, out, inverse)
+    else:
+        x_hat = out if bias is None else out - view(bias)
+    return torch.addcdiv(mean, x_hat, scale_inverse)
+
+
+def layer_norm_backward_from_output(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    normalized_shape: list[int],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``aten.native_layer_norm_backward`` given the output ``y`` instead of the input."""
+    _check_invertible(weight, "layer norm backward from its output")
+    x = _input_from_output(out, weight, bias, mean, rstd)
+    return aten.native_layer_norm_backward.default(
+        grad_out, x, normalized_shape, mean, rstd, weight, bias, output_mask
+    )
+
+
+def batch_norm_backward_from_output(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    save_mean: torch.Tensor,
+    save_invstd: torch.Tensor,
+    eps: float,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Training-mode ``aten.native_batch_norm_backward`` given the output instead of the input."""
+    _check_invertible(weight, "batch norm backward from its output")
+    shape = [1, out.shape[1]] + [1] * (out.dim() - 2)
+    x = _input_from_output(
+        out, weight, bias, save_mean.view(shape), save_invstd.view(shape), shape
+    )
+    return aten.native_batch_norm_backward.default(
+        grad_out, x, weight, None, None, save_mean, save_invstd, True, eps, output_mask
+    )
+
+
+def _getitem_of(node: object, index: int) -> fx.Node | None:
+    """The tuple-producing node whose ``index``-th item ``node`` is."""
+    if (
+        isinstance(node, fx.Node)
+        and node.target is operator.getitem
+        and node.args[1] == index
+        and isinstance(node.args[0], fx.Node)
+    ):
+        return node.args[0]
+    return None
+
+
+def _item(node: fx.Node, index: int) -> fx.Node | None:
+    for user in node.users:
+        if user.target is operator.getitem and user.args[1] == index:
+            return user
+    return None
+
+
+def layer_norm_sites(node: fx.Node) -> list[Site]:
+    if node.target is not aten.native_layer_norm_backward.default:
+        return []
+    grad_out, inp, normalized_shape, mean, rstd, weight, bias, output_mask = node.args
+    forward = _getitem_of(rstd, 2)
+    if (
+        forward is None
+        or forward.target is not aten.native_layer_norm.default
+        or _getitem_of(mean, 1) is not forward
+        or forward.args[0] is not inp
+        or forward.args[2] is not weight
+        or forward.args[3] is not bias
+    ):
+        return []
+    out = _item(forward, 0)
+    if out is None or math.prod(normalized_shape) == 0:
+        return []
+    rewrite = Rewrite(
+        node,
+        layer_norm_backward_from_output,
+        (grad_out, out, normalized_shape, mean, rstd, weight, bias, output_mask),
+    )
+    return [Site(node.name, (Alternative("layer_norm.backward_from_output", (rewrite,)),))]
+
+
+_BATCH_NORMS = (
+    aten._native_batch_norm_legit_functional.default,
+    aten._native_batch_norm_legit.default,
+    aten.native_batch_norm.default,
+)
+
+
+def batch_norm_sites(node: fx.Node) -> list[Site]:
+    if node.target is not aten.native_batch_norm_backward.default:
+        return []
+    grad_out, inp, weight, _, _, save_mean, save_invstd, train, eps, output_mask = node.args
+    forward = _getitem_of(save_invstd, 2)
+    if (
+        not train
+        or forward is None
+        or forward.target not in _BATCH_NORMS
+        or _getitem_of(save_mean, 1) is not forward
+        or forward.args[0] is not inp
+        or forward.args[1] is not weight
+    ):
+        return []
+    out = _item(forward, 0)
+    if out is None:
+        return []
+    bias = forward.args[2]
+    rewrite = Rewrite(
+        node,
+        batch_norm_backward_from_output,
+        (grad_out, out, weight, bias, save_mean, save_invstd, eps, output_mask),
+    )
+    return [Site(node.name, (Alternative("batch_norm.backward_from_output", (rewrite,)),))]

@@ -1,0 +1,106 @@
+"""Every operator variant against the default implementation: same outputs, same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monet.operators import VariantRefused
+from monet.operators.conv import convolution_backward_native, convolution_native
+from monet.operators.norms import batch_norm_backward_from_output, layer_norm_backward_from_output
+
+aten = torch.ops.aten
+
+
+def close(actual, expected, rtol=1e-4, atol=1e-5):
+    for a, e in zip(actual, expected, strict=True):
+        if e is None:
+            assert a is None
+        else:
+            assert a.shape == e.shape and a.dtype == e.dtype
+            torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+def affine(shape, generator):
+    # Weights near 1 (as initialised and trained), never exactly zero.
+    weight = 1 + 0.3 * torch.randn(shape, generator=generator)
+    return weight, 0.3 * torch.randn(shape, generator=generator)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (2, 7, 33), (1, 1, 16), (3, 4, 2, 9)])
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
+@pytest.mark.parametrize("affine_kind", ["both", "weight", "none"])
+def test_layer_norm_backward_from_output(shape, mask, affine_kind):
+    generator = torch.Generator().manual_seed(sum(shape))
+    normalized = list(shape[-1:]) if len(shape) < 4 else list(shape[-2:])
+    x = 3 * torch.randn(shape, generator=generator) + 1
+    weight, bias = affine(normalized, generator)
+    weight = None if affine_kind == "none" else weight
+    bias = None if affine_kind != "both" else bias
+    out, mean, rstd = aten.native_layer_norm(x, normalized, weight, bias, 1e-5)
+    grad = torch.randn(shape, generator=generator)
+    # Autograd asks for the gradients of the affine parameters that exist.
+    mask = [mask[0], mask[1] and weight is not None, mask[2] and bias is not None]
+    expected = aten.native_layer_norm_backward(grad, x, normalized, mean, rstd, weight, bias, mask)
+    actual = layer_norm_backward_from_output(grad, out, normalized, mean, rstd, weight, bias,
+                                             mask)
+    close(actual, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 5), (4, 8, 7, 3), (2, 5, 11), (3, 6)])
+@pytest.mark.parametrize("with_affine", [True, False])
+def test_batch_norm_backward_from_output(shape, with_affine):
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = 2 * torch.randn(shape, generator=generator) - 1
+    weight, bias = affine(shape[1], generator) if with_affine else (None, None)
+    running_mean, running_var = torch.zeros(shape[1]), torch.ones(shape[1])
+    out, save_mean, save_invstd, _, _ = aten._native_batch_norm_legit_functional(
+        x, weight, bias, running_mean, running_var, True, 0.1, 1e-5
+    )
+    grad = torch.randn(shape, generator=generator)
+    mask = [True, with_affine, with_affine]
+    expected = aten.native_batch_norm_backward(
+        grad, x, weight, running_mean, running_var, save_mean, save_invstd, True, 1e-5, mask
+    )
+    actual = batch_norm_backward_from_output(grad, out, weight, bias, save_mean, save_invstd,
+                                             1e-5, mask)
+    close(actual, expected)
+
+
+def test_zero_weights_are_refused_not_inverted():
+    x = torch.randn(2, 3, 4)
+    weight, bias = torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.zeros(4)
+    out, mean, rstd = aten.native_layer_norm(x, [4], weight, bias, 1e-5)
+    with pytest.raises(VariantRefused, match="exact zeros"):
+        layer_norm_backward_from_output(torch.ones_like(x), out, [4], mean, rstd, weight, bias,
+                                        [True, True, True])
+    y = torch.randn(2, 3, 5, 5)
+    with pytest.raises(VariantRefused, match="exact zeros"):
+        batch_norm_backward_from_output(y, y, torch.tensor([0.0, 1.0, 1.0]), None,
+                                        torch.zeros(3), torch.ones(3), 1e-5, [True, True, True])
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels", "kernel", "stride", "padding", "groups"),
+    [
+        ((1, 3, 9, 9), 5, 3, 1, 1, 1),
+        ((2, 4, 7, 11), 6, (2, 3), 2, 0, 2),
+        ((2, 6, 8, 8), 6, 7, 1, 3, 6),  # depthwise, as in ConvNeXt
+        ((1, 3, 16, 16), 8, 4, 4, 0, 1),  # patchify, as in ViT stems
+    ],
+)
+def test_native_convolution_equals_default(shape, channels, kernel, stride, padding, groups):
+    generator = torch.Generator().manual_seed(channels)
+    kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(shape, generator=generator)
+    weight = torch.randn(channels, shape[1] // groups, *kernel, generator=generator)
+    bias = torch.randn(channels, generator=generator)
+    args = (x, weight, bias, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups)
+    expected = aten.convolution.default(*args)
+    actual = convolution_native(*args)
+    close([actual], [expected])
+    grad = torch.randn(expected.shape, generator=generator)
+    backward_args = (grad, x, weight, [channels], *args[3:], [True, True, True])
+    close(convolution_backward_native(*backward_args),
+          aten.convolution_backward.default(*backward_args))
+    assert torch._C._get_mkldnn_enabled()  # the switch is restored

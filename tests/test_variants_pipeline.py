@@ -1,0 +1,79 @@
+"""Operator variants through the whole pipeline: chosen, lowered, run, equal to eager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import MODELS, assert_same_step
+
+import monet
+from monet.solver import keep_all
+from monet.solver.random_graphs import random_problem
+
+
+def _setup(name: str):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    return model, copy.deepcopy(model), torch.randn(*shape, requires_grad=True)
+
+
+NORM = {"vit": "layer_norm.backward_from_output", "convnet": "batch_norm.backward_from_output"}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("kind", ["norm", "convolution.native"])
+def test_every_site_runs_its_variant_and_matches_eager(name, kind, tmp_path):
+    model, reference, x = _setup(name)
+    # Forward kernels only where no discrete op downstream (a max-pool's argmax) can
+    # turn their rounding into a different choice: the ViT.
+    kernels = name == "vit"
+    plan = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5,
+                          kernel_variants=kernels).last_plan
+    problem = plan.problem
+    variant = NORM[name] if kind == "norm" else kind
+    # Every site of this kind runs its variant, everything else is kept: a schedule file.
+    variants = tuple(int(c.alternatives[1].name == variant) for c in problem.choices)
+    assert any(variants)
+    schedule = keep_all(problem, variants)
+    path = tmp_path / "variants.json"
+    schedule.save(path)
+
+    model, reference, x = _setup(name)
+    optimized = monet.optimize(model, schedule.predicted_peak, (x,), schedule=str(path),
+                               timing_repeats=0, kernel_variants=kernels)
+    report = optimized.report()
+    assert len(report.variants) == sum(variants)
+    assert report.variant_sites == len(problem.choices)
+    assert set(report.variants.values()) == {variant} and variant in str(report)
+    assert optimized.last_plan.simulation.peak == schedule.predicted_peak
+    assert report.measured_peak <= schedule.predicted_peak * 1.05
+
+    # Another kernel, or a norm rebuilding its input: float32 rounding, not bit equality.
+    assert_same_step(optimized, model, reference, x, {"rtol": 1e-4, "atol": 1e-6})
+
+
+def test_norm_from_output_lowers_the_floor_for_free():
+    """On the ViT, reading the norms' outputs drops their inputs at no recomputation."""
+    model, _, x = _setup("vit")
+    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5).last_plan.problem
+    norms = tuple(
+        int(c.alternatives[1].name == "layer_norm.backward_from_output") for c in problem.choices
+    )
+    assert any(norms)
+    assert keep_all(problem, norms).predicted_peak < keep_all(problem).predicted_peak
+    # By default no variant changes a forward value (only kernel_variants=True does).
+    touched = {o.node for c in problem.choices for a in c.alternatives for o in a.overrides}
+    assert {problem.nodes[i].phase for i in touched} == {"backward"}
+
+
+def test_schedule_with_wrong_variants_is_refused(tmp_path):
+    from monet.solver import ProblemFileError, Schedule
+
+    problem = random_problem(8, seed=2)
+    data = keep_all(problem).to_json()
+    data["variants"] = [1]
+    with pytest.raises(ProblemFileError, match="variants"):
+        Schedule.from_json(data, problem)
