@@ -637,10 +637,12 @@ def frontier_table(rows: list[dict[str, Any]]) -> str:
             + (f" ({r['overhead_min']:.2f}-{r['overhead_max']:.2f})"
                if r.get("overhead_min") is not None else ""),
             number(r.get("prepare_s"), 1),
-            grads, "; ".join(str(r[k]) for k in ("error", "note") if r.get(k)),
+            grads, r.get("variants") or "",
+            "; ".join(str(r[k]) for k in ("error", "note") if r.get(k)),
         ])
     header = ["method", "setting", "peak MiB", "peak/eager", "median step s",
-              "time/eager (range)", "solve/compile s", "grads = eager", "error / note"]
+              "time/eager (range)", "solve/compile s", "grads = eager", "operator variants",
+              "error / note"]
     return markdown_table(header, table)
 
 

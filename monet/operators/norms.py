@@ -37,15 +37,21 @@ def _check_invertible(weight: torch.Tensor | None, what: str) -> None:
 
 
 def _input_from_output(out, weight, bias, mean, scale_inverse, shape=None):
-    """``x = ((y − b) / w) / rstd + mean``: two passes over ``y``, then aten's own backward."""
-    view = (lambda t: t) if shape is None else (lambda t: t.view(shape))
+    """``x = ((y − b) / w) / rstd + mean``: two passes over ``y``, then aten's own backward.
+
+    Under autocast the norm may run in half precision with float32 parameters:
+    the input is rebuilt in float32 and returned in the output's dtype.
+    """
+    work = torch.promote_types(out.dtype, torch.float32)
+    view = (lambda t: t.to(work)) if shape is None else (lambda t: t.to(work).view(shape))
+    y = out.to(work)
     if weight is not None:
         inverse = view(weight).reciprocal()
         shift = -view(bias) * inverse if bias is not None else torch.zeros_like(inverse)
-        x_hat = torch.addcmul(shift, out, inverse)
+        x_hat = torch.addcmul(shift, y, inverse)
     else:
-        x_hat = out if bias is None else out - view(bias)
-    return torch.addcdiv(mean, x_hat, scale_inverse)
+        x_hat = y if bias is None else y - view(bias)
+    return torch.addcdiv(mean.to(work), x_hat, scale_inverse.to(work)).to(out.dtype)
 
 
 def layer_norm_backward_from_output(
