@@ -1,17 +1,22 @@
 """Solver at scale: solve time, objective, bound and gap against graph size, per back end.
 
     python benchmarks/solver_scale.py                       # random layered graphs
+    python benchmarks/solver_scale.py --models convnext_t   # plus zoo models, standard batch
     python benchmarks/solver_scale.py --problems p.json     # plus problems from `monet profile`
 
-For each problem and each budget (a fraction of the keep-everything peak) it
-prints the node count, the heuristic's and each back end's added time, the
-back end's bound and gap, and the wall time; results go to
-``benchmarks/results/solver_scale.{csv,md}``.
+For each problem, each budget (a fraction of the keep-everything peak) and
+each coarsening (``off``, ``exact``: the folds that keep the optimum,
+``approximate``: those plus backward views) it prints the node count before
+and after coarsening, the heuristic's and each back end's added time, the
+bound and gap, and the wall time. A coarsened solve runs on the coarse problem
+and is expanded back: its added time, bound, gap and peak are the original
+problem's. Results go to ``benchmarks/results/solver_scale.{csv,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import platform
 import sys
@@ -20,71 +25,128 @@ from pathlib import Path
 
 import pandas as pd
 
-from monet.solver import InfeasibleBudgetError, Problem, keep_all, solve
+from monet.solver import InfeasibleBudgetError, Problem, Schedule, keep_all, solve
+from monet.solver.coarsen import CoarsenOptions, coarsen
 from monet.solver.heuristic import best_within, scan
 from monet.solver.random_graphs import random_problem
 
 RESULTS = Path(__file__).parent / "results"
 MILP_MAX_NODES = 300
+COARSENING = {
+    "off": None,
+    "exact": CoarsenOptions(),
+    "approximate": CoarsenOptions(backward_aliases=True),
+}
+
+
+def zoo_problem(name: str, directory: Path, refresh: bool = False) -> Problem:
+    """The problem ``monet profile`` writes for zoo model ``name`` at its standard batch
+    (written once into ``directory``, then read back)."""
+    path = directory / f"{name}.json"
+    if refresh or not path.exists():
+        from monet.cli import main
+
+        with contextlib.redirect_stdout(sys.stderr):
+            if main(["profile", name, "-o", str(path)]) != 0:
+                raise SystemExit(f"monet profile {name} failed")
+    return Problem.load(path)
+
+
+def _solve(problem: Problem, options: CoarsenOptions | None, budget: int, backend: str,
+           time_limit: float) -> Schedule:
+    """The schedule of ``problem``, solved on its coarsening and expanded back if asked."""
+    if options is None:
+        return solve(problem, budget, time_limit=time_limit, backend=backend)
+    coarse = coarsen(problem, options)
+    return coarse.expand(solve(coarse.problem, budget, time_limit=time_limit, backend=backend))
 
 
 def _rows(problem: Problem, label: str, budgets: list[float], backends: list[str],
-          time_limit: float):
+          modes: list[str], time_limit: float):
     peak = keep_all(problem).predicted_peak
     started = time.perf_counter()
     candidates = scan(problem)
     heuristic_seconds = time.perf_counter() - started
+    coarse_nodes = {
+        mode: len(coarsen(problem, COARSENING[mode]).problem.nodes) if COARSENING[mode]
+        else len(problem.nodes)
+        for mode in modes
+    }
     for fraction in budgets:
         budget = int(peak * fraction)
         quick = best_within(candidates, budget)
         for backend in backends:
-            if backend == "milp" and len(problem.nodes) > MILP_MAX_NODES:
-                continue
-            print(f"  {label} {fraction} {backend} ...", file=sys.stderr, flush=True)
-            row = {
-                "problem": label, "nodes": len(problem.nodes), "budget": fraction,
-                "backend": backend,
-                "heuristic ms": None if quick is None else round(1e3 * quick.overhead, 3),
-                "heuristic s": round(heuristic_seconds, 2),
-            }
-            started = time.perf_counter()
-            try:
-                schedule = solve(problem, budget, time_limit=time_limit, backend=backend)
-            except InfeasibleBudgetError as error:
-                row.update(status=f"infeasible (min {error.minimum / peak:.2f})")
-            else:
-                row.update(
-                    status=schedule.status,
-                    **{"added ms": round(1e3 * schedule.predicted_overhead, 3),
-                       "bound ms": None if schedule.bound is None
-                       else round(1e3 * schedule.bound, 3),
-                       "gap %": None if schedule.gap is None else round(100 * schedule.gap, 2),
-                       "peak / keep-all": round(schedule.predicted_peak / peak, 3)},
-                )
-            row["solve s"] = round(time.perf_counter() - started, 2)
-            yield row
+            for mode in modes:
+                if backend == "milp" and coarse_nodes[mode] > MILP_MAX_NODES:
+                    continue
+                print(f"  {label} {fraction} {backend} {mode} ...", file=sys.stderr, flush=True)
+                row = {
+                    "problem": label, "nodes": len(problem.nodes), "coarsen": mode,
+                    "nodes solved": coarse_nodes[mode], "budget": fraction, "backend": backend,
+                    "heuristic ms": None if quick is None else round(1e3 * quick.overhead, 3),
+                    "heuristic s": round(heuristic_seconds, 2),
+                }
+                started = time.perf_counter()
+                try:
+                    schedule = _solve(problem, COARSENING[mode], budget, backend, time_limit)
+                except InfeasibleBudgetError as error:
+                    row.update(status=f"infeasible (min {error.minimum / peak:.2f})")
+                else:
+                    row.update(
+                        status=schedule.status,
+                        **{"added ms": round(1e3 * schedule.predicted_overhead, 3),
+                           "bound ms": None if schedule.bound is None
+                           else round(1e3 * schedule.bound, 3),
+                           "gap %": None if schedule.gap is None
+                           else round(100 * schedule.gap, 2),
+                           "peak / keep-all": round(schedule.predicted_peak / peak, 3)},
+                    )
+                row["solve s"] = round(time.perf_counter() - started, 2)
+                yield row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000,3000",
                         help="node counts of random layered graphs (about two nodes per op)")
+    parser.add_argument("--models", default="",
+                        help="zoo models, comma-separated, profiled at their standard batch "
+                             "with `monet profile` (e.g. convnext_t,mvitv2_t)")
+    parser.add_argument("--problem-dir", type=Path, default=None,
+                        help="where the zoo models' problem files are kept "
+                             "(default: the monet cache directory)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="profile the zoo models again even if their problem files exist")
     parser.add_argument("--problems", nargs="*", default=[],
                         help="problem JSON files written by `monet profile`")
     parser.add_argument("--budgets", default="0.7,0.5,0.3",
                         help="fractions of the keep-everything peak")
     parser.add_argument("--backends", default="cpsat,milp")
+    parser.add_argument("--coarsen", default="off,exact,approximate",
+                        help=f"coarsenings to compare, of {', '.join(COARSENING)}")
     parser.add_argument("--time-limit", type=float, default=10.0)
+    parser.add_argument("--note", default="", help="a line to add to the report's header")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     backends = args.backends.split(",")
+    modes = args.coarsen.split(",")
+    unknown = set(modes) - set(COARSENING)
+    if unknown:
+        parser.error(f"unknown coarsening {', '.join(sorted(unknown))}")
     problems = [(f"random {n}", random_problem(max(2, n // 2), seed=n))
                 for n in (int(s) for s in args.sizes.split(",") if s)]
+    if args.models:
+        from monet.profile import default_cache_path
+
+        directory = args.problem_dir or default_cache_path().parent / "problems"
+        directory.mkdir(parents=True, exist_ok=True)
+        problems += [(name, zoo_problem(name, directory, args.refresh))
+                     for name in args.models.split(",")]
     problems += [(Path(p).stem, Problem.load(p)) for p in args.problems]
     rows = []
     for label, problem in problems:
-        rows.extend(_rows(problem, label, budgets, backends, args.time_limit))
+        rows.extend(_rows(problem, label, budgets, backends, modes, args.time_limit))
     table = pd.DataFrame(rows)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.output_dir / "solver_scale.csv", index=False)
@@ -92,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (
         f"# Solver at scale\n\n{datetime.date.today()}, {platform.platform()}, "
-        f"time limit {args.time_limit} s per solve (heuristic start included).\n\n"
+        f"time limit {args.time_limit} s per solve (heuristic start included; coarsening "
+        "and expansion included in `solve s`).\n\n"
+        "`coarsen`: `off` solves the problem as captured; `exact` folds views and "
+        "never-recomputed chains (the optimum is unchanged); `approximate` also folds "
+        "backward views. Added time, bound, gap and peak are always the original "
+        "problem's.\n\n"
+        + (f"{args.note}\n\n" if args.note else "")
     )
     table = table.astype(object).where(table.notna(), "")
     text = markdown_table(list(table.columns), table.values.tolist())
