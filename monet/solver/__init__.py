@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from monet.simulate import simulate
 from monet.solver.bound import budget_lower_bound, time_lower_bound
+from monet.solver.coarsen import coarsen
 from monet.solver.heuristic import (
     Candidate,
     best_within,
@@ -144,8 +145,13 @@ def solve(
     time_limit: float = 10.0,
     backend: str = "cpsat",
     progress: Callable[[str], None] | None = None,
+    coarsen_first: bool = True,
 ) -> Schedule:
     """The schedule of least added time whose peak fits ``budget`` (default: the problem's).
+
+    With ``coarsen_first``, the exact folds of :mod:`monet.solver.coarsen` (views,
+    never-recomputed chains) shrink the problem first, and the answer is expanded
+    back and re-simulated on this problem.
 
     The ranked-recomputation heuristic gives a feasible start in well under a
     second; the exact back end (``"cpsat"``, OR-tools CP-SAT, or ``"milp"``,
@@ -158,6 +164,12 @@ def solve(
     budget = problem.budget if budget is None else budget
     if budget is None:
         raise ValueError("no budget: pass one or put it in the problem")
+    if coarsen_first:
+        coarse = coarsen(problem)
+        if len(coarse.problem.nodes) < len(problem.nodes):
+            return coarse.expand(
+                solve(coarse.problem, budget, time_limit, backend, progress, coarsen_first=False)
+            )
     started = time.perf_counter()
     baseline = keep_all(problem, fastest_variants(problem))
     if baseline.predicted_peak <= budget:
