@@ -72,11 +72,19 @@ class Case:
         spec = monet.models.spec(self.name)
         batch = spec.default_batch if self.batch is None else self.batch
         torch.manual_seed(0)
-        model = monet.models.create(self.name).train()
         if self.image is None:
+            model = monet.models.create(self.name).train()
             inputs = monet.models.example_inputs(self.name, batch, seed=0)
+        elif "sam2" in spec.tags:
+            # SAM 2 is built for its image size; the clicks scale with the image.
+            model = monet.models.create(self.name, image_size=self.image).train()
+            image, points, labels = monet.models.example_inputs(self.name, batch, seed=0)
+            torch.manual_seed(0)
+            scale = self.image / image.shape[-1]
+            inputs = (torch.randn(batch, 3, self.image, self.image), points * scale, labels)
         else:
             # The zoo feeds the paper's image size; convnets take any size.
+            model = monet.models.create(self.name).train()
             torch.manual_seed(0)
             inputs = (torch.randn(batch, 3, self.image, self.image),)
         return model, inputs, batch
