@@ -1,8 +1,9 @@
 """Peers: monet beside what a user would pick instead, on one memory/time frontier per model.
 
-    python benchmarks/peers.py [--models vit_small_demo revvit_small_demo convnext_t:2:64]
-        [--methods eager checkpoint compile rockmate revvit monet] [--budgets 1.0,0.7,0.5,0.35]
-        [--compile-budgets 1.0,0.5,0.2] [--time-limit 10] [--repeats 11] [--threads 1]
+    python benchmarks/peers.py [--models vit_small_demo convnext_t:2:224 ...]
+        [--methods eager checkpoint compile rockmate revvit monet monet-checkpoint]
+        [--budgets 1.0,0.7,0.5,0.35] [--compile-budgets 1.0,0.5,0.2] [--time-limit 10]
+        [--repeats 5] [--threads 1]
         [--output-dir benchmarks/results/peers]
 
 For each model, in one process and on the same inputs:
@@ -16,7 +17,8 @@ For each model, in one process and on the same inputs:
 - Rockmate: a row that says why it did not run;
 - RevViT's reversible backward (RevViT models; eager and the other methods then run
   the same weights under plain autograd, ``model.twin(reversible=False)``);
-- monet at budgets that are fractions of eager's peak as measured here.
+- monet at budgets that are fractions of eager's peak as measured here: joint (keep,
+  recompute and operator variants) and checkpoint-only (``variants=False``).
 
 Every method's peak is measured the same way (``monet.measure.measure_peak_memory``:
 on CPU the torch profiler's ``[memory]`` allocator events), on one step after a
@@ -766,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-limit", type=float, default=10.0,
                         help="monet's solver seconds per budget (default 10)")
     parser.add_argument("--repeats", type=int, default=5,
-                        help="interleaved timed steps per method (default 11: steps are short, noise is not)")
+                        help="interleaved timed steps per method (default 5)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads, 0 for torch's choice (default 1: with 2 threads "
                              "on a shared 2-core machine a busy neighbour swings step times "

@@ -17,6 +17,7 @@ import enum
 import numbers
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,24 @@ _CONSTANTS = (
 """Non-tensor arguments a plan can be keyed on: immutable, and equal when their reprs are."""
 
 
-def signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+def module_attributes(model: nn.Module, volatile: frozenset = frozenset()) -> dict:
+    """Public number, string and flag attributes of every submodule (``self.scale``, a
+    flag steering the forward): tracing bakes them into the graph. ``volatile`` ones
+    (counters that change on every call) are left out."""
+    found = {}
+    for index, module in enumerate(model.modules()):
+        for name, value in vars(module).items():
+            key = (index, name)
+            if name.startswith("_") or name == "training" or key in volatile:
+                continue
+            if isinstance(value, _CONSTANTS):
+                found[key] = (type(value).__name__, repr(value))
+    return found
+
+
+def signature(
+    model: nn.Module, args: tuple, kwargs: dict, volatile: frozenset = frozenset()
+) -> tuple:
     """What a plan is specific to: everything that changes the captured graph."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
 
@@ -88,7 +106,11 @@ def signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
     )
     # A submodule switched to eval (a frozen batch-norm, dropout off) traces another graph.
     modes = tuple(m.training for m in model.modules())
-    return (str(spec), tuple(describe(x) for x in leaves), params, buffers, autocast, modes)
+    attributes = tuple(sorted(module_attributes(model, volatile).items()))
+    return (
+        str(spec), tuple(describe(x) for x in leaves), params, buffers, autocast, modes,
+        attributes,
+    )
 
 
 def _refuse_constant(value: Any, args: tuple, kwargs: dict) -> None:
@@ -174,6 +196,11 @@ class MonetModule(nn.Module):
         self._schedule_path = schedule_path
         self._plans: dict[tuple, Plan] = {}
         self._last_plan: Plan | None = None
+        # Attributes that changed on several calls in a row (a step counter): not part
+        # of a plan's key, or every call would plan again.
+        self._volatile: frozenset = frozenset()
+        self._attribute_changes: dict[tuple, int] = {}
+        self._last_attributes: dict | None = None
         self._cache = ProfileCache(config.profile_cache)
 
     # ----------------------------------------------------------------- nn.Module
@@ -184,12 +211,40 @@ class MonetModule(nn.Module):
             or not _requires_grad(self.module, args, kwargs)
         ):
             return self.module(*args, **kwargs)
-        key = signature(self.module, args, kwargs)
+        self._watch_attributes()
+        key = signature(self.module, args, kwargs, self._volatile)
         plan = self._plans.get(key)
         if plan is None:
             plan = self.plan(*args, **kwargs)
         self._last_plan = plan
         return plan.step(self.module, args, kwargs)
+
+    VOLATILE_AFTER = 3
+    """Calls in a row an attribute may change before it counts as a counter."""
+
+    def _watch_attributes(self) -> None:
+        current = module_attributes(self.module, self._volatile)
+        previous, self._last_attributes = self._last_attributes, current
+        if previous is None:
+            return
+        for key, value in current.items():
+            if previous.get(key, value) == value:
+                self._attribute_changes.pop(key, None)
+                continue
+            self._attribute_changes[key] = self._attribute_changes.get(key, 0) + 1
+            if self._attribute_changes[key] >= self.VOLATILE_AFTER:
+                self._make_volatile({key}, f"it changed on {self.VOLATILE_AFTER} calls in a row")
+
+    def _make_volatile(self, keys: set, why: str) -> None:
+        self._volatile |= keys
+        modules = list(self.module.modules())
+        names = ", ".join(sorted(f"{type(modules[i]).__name__}.{name}" for i, name in keys))
+        warnings.warn(
+            f"monet: {names}: {why}, so it no longer keys the plan (or every call would "
+            "plan again); if the forward's computation depends on it, the plan keeps the "
+            "value it was made with",
+            stacklevel=4,
+        )
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.module.state_dict(*args, **kwargs)
@@ -214,9 +269,10 @@ class MonetModule(nn.Module):
 
     def plan(self, *args: Any, **kwargs: Any) -> Plan:
         """Make (or return) the plan for these inputs, measuring it if configured."""
-        key = signature(self.module, args, kwargs)
+        key = signature(self.module, args, kwargs, self._volatile)
         if key in self._plans:
             return self._plans[key]
+        before = module_attributes(self.module, self._volatile)
         try:
             plan = self._plan_within_budget(key, args, kwargs)
         except InfeasibleBudgetError as error:
@@ -227,6 +283,15 @@ class MonetModule(nn.Module):
                     "it does not plan: add the reserve to the budgets above"
                 )
             raise
+        # Planning ran the forward: attributes it changed are the forward's own state
+        # (a call counter), not a setting: they must not key the plan.
+        after = module_attributes(self.module, self._volatile)
+        changed = {k for k, v in after.items() if before.get(k, v) != v}
+        if changed:
+            self._make_volatile(changed, "the forward itself changes it")
+            key = signature(self.module, args, kwargs, self._volatile)
+            plan = dataclasses.replace(plan, key=key)
+        self._last_attributes = module_attributes(self.module, self._volatile)
         self._plans[key] = plan
         self._last_plan = plan
         return plan

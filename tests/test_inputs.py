@@ -237,6 +237,42 @@ def test_a_submodule_switched_to_eval_gets_a_new_plan():
     assert len(twin.optimized.plans) == 2
 
 
+class Scaled(nn.Module):
+    """A forward steered by plain attributes: a scale, a flag, and a call counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.scale = 1.0
+        self.squash = False
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # the forward's own state: it must not key the plan
+        y = self.linear(x) * self.scale
+        return torch.tanh(y) if self.squash else y
+
+
+def test_a_changed_attribute_plans_again_and_a_counter_does_not():
+    import warnings
+
+    twin = Twin(Scaled())
+    with pytest.warns(UserWarning, match=r"Scaled\.calls: the forward itself changes it"):
+        twin.step(torch.randn(5, 4, requires_grad=True))  # plans on this first call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twin.step(torch.randn(5, 4, requires_grad=True), seed=1)
+        assert len(twin.optimized.plans) == 1
+        for model in (twin.model, twin.reference):
+            model.scale, model.squash = 2.5, True
+        twin.step(torch.randn(5, 4, requires_grad=True), seed=2)  # new values, new plan
+        assert len(twin.optimized.plans) == 2
+        for model in (twin.model, twin.reference):
+            model.scale, model.squash = 1.0, False
+        twin.step(torch.randn(5, 4, requires_grad=True), seed=3)  # the first plan again
+        assert len(twin.optimized.plans) == 2
+
+
 # ----------------------------------------------------------- non-tensor inputs
 
 
