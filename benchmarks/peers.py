@@ -70,10 +70,11 @@ matplotlib.use("Agg")  # files only: no display on a benchmark machine
 import matplotlib.pyplot as plt
 
 RESULTS = Path(__file__).resolve().parent / "results" / "peers"
-# The zoo at training sizes whose eager step takes a few seconds on 2 cores (1 thread),
-# and the demo ViT (the smallest: torch.compile is measured on it).
+# The zoo at training sizes whose eager step takes a few seconds on 1 thread, batches
+# large enough that activations outweigh parameters and gradients, and the demo ViT
+# (the smallest: torch.compile is measured on it).
 DEFAULT_MODELS = [
-    "vit_small_demo", "convnext_t:2:224", "revvit_s:2:224", "mvitv2_t:1:224",
+    "vit_small_demo", "convnext_t:6:224", "revvit_s:8:224", "mvitv2_t:6:224",
     "sam2_hiera_t:1:512",
 ]
 DEFAULT_BUDGETS = "1.0,0.7,0.5,0.35"
