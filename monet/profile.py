@@ -268,6 +268,9 @@ def _execute(
             readers += rewrite.inputs()
         for inp in readers:
             last_use[inp] = max(last_use.get(inp, i), i)
+    dying: dict[int, list[fx.Node]] = {}
+    for value, position in last_use.items():
+        dying.setdefault(position, []).append(value)
     env: dict[fx.Node, Any] = {}
     primal_iter = iter(primals)
     for i, node in enumerate(order):
@@ -280,7 +283,7 @@ def _execute(
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             env[node] = visit(i, node, args, kwargs, env)
-        for inp in [m for m in env if last_use.get(m) == i]:
+        for inp in dying.get(i, ()):
             if analysed.problem.nodes[index[inp]].phase not in ("input",):
                 del env[inp]
         if node not in last_use and phase not in ("input",):

@@ -82,9 +82,16 @@ def module_attributes(model: nn.Module, volatile: frozenset = frozenset()) -> di
 
 
 def signature(
-    model: nn.Module, args: tuple, kwargs: dict, volatile: frozenset = frozenset()
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    volatile: frozenset = frozenset(),
+    attributes: dict | None = None,
 ) -> tuple:
-    """What a plan is specific to: everything that changes the captured graph."""
+    """What a plan is specific to: everything that changes the captured graph.
+
+    ``attributes``: ``module_attributes(model, volatile)`` when the caller has it.
+    """
     leaves, spec = pytree.tree_flatten((args, kwargs))
 
     def describe(x: Any) -> Any:
@@ -106,10 +113,11 @@ def signature(
     )
     # A submodule switched to eval (a frozen batch-norm, dropout off) traces another graph.
     modes = tuple(m.training for m in model.modules())
-    attributes = tuple(sorted(module_attributes(model, volatile).items()))
+    if attributes is None:
+        attributes = module_attributes(model, volatile)
     return (
         str(spec), tuple(describe(x) for x in leaves), params, buffers, autocast, modes,
-        attributes,
+        tuple(sorted(attributes.items())),
     )
 
 
@@ -211,8 +219,8 @@ class MonetModule(nn.Module):
             or not _requires_grad(self.module, args, kwargs)
         ):
             return self.module(*args, **kwargs)
-        self._watch_attributes()
-        key = signature(self.module, args, kwargs, self._volatile)
+        attributes = self._watch_attributes()
+        key = signature(self.module, args, kwargs, self._volatile, attributes)
         plan = self._plans.get(key)
         if plan is None:
             plan = self.plan(*args, **kwargs)
@@ -222,11 +230,12 @@ class MonetModule(nn.Module):
     VOLATILE_AFTER = 3
     """Calls in a row an attribute may change before it counts as a counter."""
 
-    def _watch_attributes(self) -> None:
+    def _watch_attributes(self) -> dict:
+        """The module's attributes now (as they key plans); counts the ones that keep changing."""
         current = module_attributes(self.module, self._volatile)
         previous, self._last_attributes = self._last_attributes, current
         if previous is None:
-            return
+            return current
         for key, value in current.items():
             if previous.get(key, value) == value:
                 self._attribute_changes.pop(key, None)
@@ -234,6 +243,7 @@ class MonetModule(nn.Module):
             self._attribute_changes[key] = self._attribute_changes.get(key, 0) + 1
             if self._attribute_changes[key] >= self.VOLATILE_AFTER:
                 self._make_volatile({key}, f"it changed on {self.VOLATILE_AFTER} calls in a row")
+        return {k: v for k, v in current.items() if k not in self._volatile}
 
     def _make_volatile(self, keys: set, why: str) -> None:
         self._volatile |= keys

@@ -18,7 +18,7 @@ import math
 from dataclasses import replace
 
 from monet.solver.ilp import Structure, analyse
-from monet.solver.problem import Problem
+from monet.solver.problem import Problem, alternative_nodes
 from monet.solver.program import storage_owner
 
 
@@ -35,24 +35,20 @@ def relaxed(problem: Problem) -> tuple[Problem, float]:
     nodes = list(problem.nodes)
     least_delta = 0.0
     for choice in problem.choices:
-        touched = sorted({o.node for a in choice.alternatives for o in a.overrides})
-        options: dict[int, list[tuple[tuple[int, ...], float, int]]] = {}
-        deltas = []
-        for a in choice.alternatives:
-            effective = {i: (nodes[i].inputs, nodes[i].time, nodes[i].workspace) for i in touched}
-            effective.update({o.node: (o.inputs, o.time, o.workspace) for o in a.overrides})
-            for i in touched:
-                options.setdefault(i, []).append(effective[i])
-            deltas.append(sum(effective[i][1] - problem.nodes[i].time for i in touched))
-        least_delta += min(deltas)
-        for i, alternatives in options.items():
-            common = set.intersection(*(set(inputs) for inputs, _, _ in alternatives))
+        per_alternative = alternative_nodes(problem, choice)
+        least_delta += min(
+            sum(o.time - problem.nodes[i].time for i, o in effective.items())
+            for effective in per_alternative
+        )
+        for i in per_alternative[0]:
+            options = [effective[i] for effective in per_alternative]
+            common = set.intersection(*(set(o.inputs) for o in options))
             nodes[i] = replace(
                 nodes[i],
                 inputs=tuple(j for j in nodes[i].inputs if j in common)
                 + tuple(sorted(common - set(nodes[i].inputs))),
-                time=min(t for _, t, _ in alternatives),
-                workspace=min(w for _, _, w in alternatives),
+                time=min(o.time for o in options),
+                workspace=min(o.workspace for o in options),
             )
     return replace(problem, nodes=tuple(nodes), choices=()), least_delta
 

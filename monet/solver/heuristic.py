@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from monet.simulate import simulate
 from monet.solver.ilp import Structure, analyse
-from monet.solver.problem import Problem
+from monet.solver.problem import Problem, alternative_nodes
 from monet.solver.program import ScheduleError, build_program, storage_owner
 from monet.solver.schedule import Schedule
 
@@ -70,12 +70,10 @@ def leanest_variants(problem: Problem) -> tuple[int, ...]:
 
     result = []
     for choice in problem.choices:
-        touched = sorted({o.node for a in choice.alternatives for o in a.overrides})
-        cost = []
-        for a in choice.alternatives:
-            inputs = {i: nodes[i].inputs for i in touched}
-            inputs.update({o.node: o.inputs for o in a.overrides})
-            cost.append(sum(extra_bytes(v) for v in inputs.values()))
+        cost = [
+            sum(extra_bytes(o.inputs) for o in effective.values())
+            for effective in alternative_nodes(problem, choice)
+        ]
         result.append(min(range(len(cost)), key=lambda k: (cost[k], k)))
     return tuple(result)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from monet.solver.problem import Problem
+from monet.solver.problem import Problem, alternative_nodes
 from monet.solver.program import node_owner, pinned_storages, storage_owner
 
 TIME_SCALE = 1e9
@@ -205,15 +205,11 @@ def _add_choices(problem, st: Structure, owner_of, f_pos, b_pos, decision_set) -
     n_forward = len(st.forward)
     for c, choice in enumerate(problem.choices):
         st.alternatives.append(len(choice.alternatives))
-        mine = sorted({o.node for a in choice.alternatives for o in a.overrides})
-        for k, alternative in enumerate(choice.alternatives):
-            effective = {i: (nodes[i].inputs, nodes[i].time, nodes[i].workspace) for i in mine}
-            for o in alternative.overrides:
-                effective[o.node] = (o.inputs, o.time, o.workspace)
+        for k, effective in enumerate(alternative_nodes(problem, choice)):
             reads: list[tuple[int, int]] = []
             delta = 0.0
-            for i in mine:
-                inputs, seconds, workspace = effective[i]
+            for i, o in effective.items():
+                inputs, seconds, workspace = o.inputs, o.time, o.workspace
                 delta += seconds - nodes[i].time
                 if nodes[i].phase == "forward":
                     point = f_pos[i]

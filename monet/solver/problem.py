@@ -199,6 +199,21 @@ class Problem:
         return replace(self, nodes=tuple(nodes), choices=())
 
 
+def alternative_nodes(problem: Problem, choice: Choice) -> list[dict[int, Override]]:
+    """Per alternative of ``choice``: every node any alternative overrides, as this one runs it
+    (the captured node's reads, time and workspace where it does not override it)."""
+    nodes = problem.nodes
+    touched = sorted({o.node for a in choice.alternatives for o in a.overrides})
+    result = []
+    for alternative in choice.alternatives:
+        effective = {
+            i: Override(i, nodes[i].inputs, nodes[i].time, nodes[i].workspace) for i in touched
+        }
+        effective.update({o.node: o for o in alternative.overrides})
+        result.append(effective)
+    return result
+
+
 def check_variants(problem: Problem, variants: tuple[int, ...]) -> None:
     """Refuse a variant vector that does not fit ``problem``'s choices (errors name the field)."""
     if len(variants) != len(problem.choices):
