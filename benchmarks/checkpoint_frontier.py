@@ -2,7 +2,7 @@
 
     python benchmarks/checkpoint_frontier.py [--models vit_small_demo resnet18:16:112]
         [--budgets 1.0,0.7,0.5,min] [--time-limit 20] [--timing-repeats 5] [--threads N]
-    monet bench [same arguments]
+    monet frontier [same arguments]
 
 For each model and budget, ``monet.optimize(..., measure=True)`` plans the
 step and measures it: the peak of the whole step (parameters, gradients,

@@ -1,10 +1,15 @@
 """Peers: monet beside what a user would pick instead, on one memory/time frontier per model.
 
-    python benchmarks/peers.py [--models vit_small_demo convnext_t:2:224 ...]
+    python benchmarks/peers.py [MODEL ...] [--models MODEL ...]
         [--methods eager checkpoint compile rockmate revvit monet monet-checkpoint]
-        [--budgets 1.0,0.7,0.5,0.35] [--compile-budgets 1.0,0.5,0.2] [--time-limit 10]
-        [--repeats 5] [--threads 1]
+        [--budgets 1.0,0.7,0.5,0.35] [--compile-budgets 1.0,0.5,0.2]
+        [--compile-models MODEL ...] [--time-limit 10] [--repeats 5] [--threads 1]
         [--output-dir benchmarks/results/peers]
+    monet report                  # this script with its defaults: the committed report
+    monet bench MODEL ... [same options]   # the same, written to ./monet-bench
+
+Models are positional or after ``--models`` (both add up); without either, the
+report's models (``DEFAULT_MODELS``).
 
 For each model, in one process and on the same inputs:
 
@@ -71,11 +76,11 @@ import matplotlib.pyplot as plt
 
 RESULTS = Path(__file__).resolve().parent / "results" / "peers"
 # The zoo at training sizes whose eager step takes a few seconds on 1 thread, batches
-# large enough that activations outweigh parameters and gradients, and the demo ViT
-# (the smallest: torch.compile is measured on it).
+# large enough that activations outweigh parameters and gradients, and the demo ViT;
+# MViTv2 (the largest graph, the longest compiles) last.
 DEFAULT_MODELS = [
-    "vit_small_demo", "convnext_t:6:224", "revvit_s:8:224", "mvitv2_t:6:224",
-    "sam2_hiera_t:1:512",
+    "vit_small_demo", "convnext_t:6:224", "revvit_s:8:224", "sam2_hiera_t:1:512",
+    "mvitv2_t:6:224",
 ]
 DEFAULT_BUDGETS = "1.0,0.7,0.5,0.35"
 DEFAULT_COMPILE_BUDGETS = "1.0,0.5,0.2"
@@ -138,6 +143,11 @@ def model_arg(text: str) -> Case:
     return Case.parse(text)
 
 
+def case_label(case: Case) -> str:
+    """The model's name in the report: ``NAME[:BATCH[:IMAGE]]`` as given."""
+    return ":".join(str(part) for part in (case.name, case.batch, case.image) if part is not None)
+
+
 def build(case: Case) -> Subject:
     """The model (seed 0) and inputs (seed 0); a RevViT runs under plain autograd as eager."""
     if case.name in PRESETS:
@@ -150,9 +160,7 @@ def build(case: Case) -> Subject:
         inputs: tuple = (torch.randn(batch, 3, image, image),)
     else:
         model, inputs, batch = case.build()
-    label = case.name if case.batch is None else f"{case.name}:{batch}"
-    if case.image is not None:
-        label += f":{case.image}"
+    label = case_label(case)
     if isinstance(model, RevViT) and model.reversible:
         # Eager, checkpoint, compile and monet get the same weights without the rewrite.
         return Subject(label, model.twin(reversible=False), inputs, batch, reversible=model)
@@ -479,8 +487,8 @@ def run_model(
                 continue
             finish(entry, COMPILE, setting)
     if subject.label in getattr(arguments, "compile_skipped", ()):
-        finish(None, COMPILE, "-", error="not run on this model: torch.compile is measured on "
-               "the smallest model of the report only (each compile takes minutes on 2 cores)")
+        finish(None, COMPILE, "-", error="not run on this model: --compile-models "
+               + " ".join(arguments.compile_models))
     if ROCKMATE in methods:
         short, detail = rockmate_reason()
         finish(None, ROCKMATE, "-", error=short, note=detail)
@@ -746,17 +754,18 @@ def fractions_arg(text: str) -> list[float]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "peers.py", output_dir: Path = RESULTS) -> argparse.ArgumentParser:
+    """The script's options; ``monet bench`` and ``monet report`` pass their name and folder."""
     parser = argparse.ArgumentParser(
-        prog="peers", description=__doc__.splitlines()[0],
+        prog=prog, description=__doc__.splitlines()[0],
         epilog="Models are zoo names or presets (" + ", ".join(PRESETS) + "), as "
-               "NAME[:BATCH[:IMAGE]]. Without --methods every method runs, except "
-               "torch.compile, which runs on the model with the fewest parameters only "
-               "(a cold compile takes minutes here).",
+               "NAME[:BATCH[:IMAGE]], before the options or after --models. Without "
+               "--methods every method runs on every model.",
     )
-    parser.add_argument("--models", nargs="+", type=model_arg,
-                        default=[Case.parse(m) for m in DEFAULT_MODELS],
+    parser.add_argument("models", nargs="*", type=model_arg, metavar="MODEL",
                         help=f"models (default {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--models", nargs="+", type=model_arg, dest="more_models",
+                        default=[], metavar="MODEL", help="more models (added to MODEL ...)")
     parser.add_argument("--methods", nargs="+", choices=list(METHOD_ARGS), default=None,
                         help="methods to run on every model (eager always runs)")
     parser.add_argument("--budgets", type=fractions_arg, default=fractions_arg(DEFAULT_BUDGETS),
@@ -766,6 +775,10 @@ def build_parser() -> argparse.ArgumentParser:
                         default=fractions_arg(DEFAULT_COMPILE_BUDGETS),
                         help="activation_memory_budget values for torch.compile (default "
                              f"{DEFAULT_COMPILE_BUDGETS})")
+    parser.add_argument("--compile-models", nargs="+", default=None, metavar="MODEL",
+                        help="run torch.compile on these models only, as written in MODEL or "
+                             "by zoo name (default: every model); the others get a row that "
+                             "says so")
     parser.add_argument("--time-limit", type=float, default=10.0,
                         help="monet's solver seconds per budget (default 10)")
     parser.add_argument("--repeats", type=int, default=5,
@@ -774,34 +787,74 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads, 0 for torch's choice (default 1: with 2 threads "
                              "on a shared 2-core machine a busy neighbour swings step times "
                              "10x; with 1 they stay within about 10%%)")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS,
-                        help="where the files go (default benchmarks/results/peers)")
+    parser.add_argument("--output-dir", type=Path, default=output_dir,
+                        help=f"where the files go (default {display_path(output_dir)})")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every model's frontier, print the summary and write the files; the exit status."""
-    arguments = build_parser().parse_args(argv)
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory where it lies under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def parse_arguments(
+    argv: list[str] | None, prog: str = "peers.py", output_dir: Path = RESULTS
+) -> argparse.Namespace:
+    """The options, with ``models`` the positional models, then ``--models``, else the defaults."""
+    parser = build_parser(prog, output_dir)
+    arguments = parser.parse_args(argv)
     if arguments.repeats < 1:
-        build_parser().error("--repeats must be at least 1")
+        parser.error("--repeats must be at least 1")
+    arguments.models = (arguments.models + arguments.more_models
+                        or [Case.parse(m) for m in DEFAULT_MODELS])
+    del arguments.more_models
+    labels = {case_label(case) for case in arguments.models}
+    names = labels | {case.name for case in arguments.models}
+    unknown = [m for m in arguments.compile_models or () if m not in names]
+    if unknown:
+        parser.error(f"--compile-models {' '.join(unknown)}: not among the models "
+                     f"({' '.join(sorted(labels))})")
+    arguments.prog = prog
+    return arguments
+
+
+def compiled_here(label: str, arguments: argparse.Namespace) -> bool:
+    """Whether ``--compile-models`` (absent: every model) names the model ``label``."""
+    names = arguments.compile_models
+    return names is None or label in names or label.split(":")[0] in names
+
+
+def methods_of(subject: Subject, arguments: argparse.Namespace) -> list[str]:
+    """The methods that run on ``subject``: ``--methods`` (default all), eager first."""
+    picked = METHOD_ARGS.values() if arguments.methods is None else (
+        METHOD_ARGS[m] for m in arguments.methods)
+    chosen = list(dict.fromkeys([EAGER, *picked]))
+    if subject.reversible is None and REVVIT in chosen:
+        chosen.remove(REVVIT)  # only a RevViT has a reversible backward
+    if COMPILE in chosen and not compiled_here(subject.label, arguments):
+        chosen.remove(COMPILE)
+        arguments.compile_skipped.add(subject.label)
+    return chosen
+
+
+def main(
+    argv: list[str] | None = None, prog: str = "peers.py", output_dir: Path = RESULTS
+) -> int:
+    """Run every model's frontier, print the summary and write the files; the exit status.
+
+    ``prog`` and ``output_dir`` are the name in the help and the default folder
+    (``monet bench`` passes its own).
+    """
+    arguments = parse_arguments(argv, prog, output_dir)
     if arguments.threads > 0:
         torch.set_num_threads(arguments.threads)
     started = time.perf_counter()
     subjects = [build(case) for case in arguments.models]
-    smallest = min(subjects, key=lambda s: s.parameters).label
     arguments.compile_skipped = set()
-    plans: list[list[str]] = []
-    for subject in subjects:
-        if arguments.methods is None:
-            chosen = [m for m in METHOD_ARGS.values()
-                      if m != COMPILE or subject.label == smallest]
-            if subject.label != smallest:
-                arguments.compile_skipped.add(subject.label)
-        else:
-            chosen = list(dict.fromkeys([EAGER, *(METHOD_ARGS[m] for m in arguments.methods)]))
-        if subject.reversible is None and REVVIT in chosen:
-            chosen.remove(REVVIT)  # only a RevViT has a reversible backward
-        plans.append(chosen)
+    plans = [methods_of(subject, arguments) for subject in subjects]
 
     def row_count(subject: Subject, chosen: list[str]) -> int:
         return (1 + 2 * (CHECKPOINT in chosen)
@@ -834,12 +887,14 @@ def main(argv: list[str] | None = None) -> int:
             plot_timeline(timelines, shown, timeline_png, f"{subject.label}, batch {subject.batch}: memory through "
                           f"one step, eager vs monet at {TIMELINE_BUDGET:g} of eager's peak")
             figures.append((subject.label, frontier_png, timeline_png))
+            summaries = {label: summary_table([r for r in rows if r["model"] == label])
+                         for label, _, _ in figures}
+            # After every model: a run stopped midway keeps the models it finished.
+            write_outputs(arguments, argv, rows, summaries, figures,
+                          time.perf_counter() - started, len(subjects))
 
-    summaries = {label: summary_table([r for r in rows if r["model"] == label])
-                 for label, _, _ in figures}
     for label, table in summaries.items():
         print(f"\n{label}\n{table}")
-    write_outputs(arguments, argv, rows, summaries, figures, time.perf_counter() - started)
     print(f"wrote {out}/frontier.csv, summary.md, report.md and {2 * len(figures)} figures",
           file=sys.stderr)
     return 0
@@ -852,8 +907,9 @@ def write_outputs(
     summaries: dict[str, str],
     figures: list[tuple[str, Path, Path]],
     seconds: float,
+    models: int,
 ) -> None:
-    """frontier.csv, summary.md and report.md (which links the figures)."""
+    """frontier.csv, summary.md and report.md (which links the figures) of the models done."""
     out = arguments.output_dir
     columns = [
         "model", "batch", "inputs", "method", "setting", "peak_bytes", "peak_over_eager",
@@ -869,9 +925,14 @@ def write_outputs(
     frame.convert_dtypes().to_csv(out / "frontier.csv", index=False)
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    runner = "python benchmarks/peers.py" if arguments.prog == "peers.py" else arguments.prog
+    command = f"{runner} " + " ".join(sys.argv[1:] if argv is None else argv)
+    done = ("" if len(figures) == models
+            else f" (written after {len(figures)} of {models} models)")
+    compiled = ("every model" if arguments.compile_models is None
+                else "only " + ", ".join(arguments.compile_models))
     notes = [
-        f"date: {now}, {seconds:.0f} s in all",
+        f"date: {now}, {seconds:.0f} s in all{done}",
         f"machine: {machine()}",
         f"command: `{command.strip()}`",
         (f"peak memory, the same for every method: {MEMORY_METHOD} via "
@@ -889,7 +950,9 @@ def write_outputs(
         ("checkpoint: torch.utils.checkpoint.checkpoint(block, ..., use_reentrant=False) around "
         "every / every 2nd child of the longest nn.Sequential/nn.ModuleList of same-type "
         "children (and of any other container of that type), on a copy of the model"),
-        ("torch.compile: default inductor, one backend per activation_memory_budget (with a "
+        (f"torch.compile: on {compiled}, activation_memory_budget "
+        f"{', '.join(f'{b:g}' for b in arguments.compile_budgets)}; "
+        "default inductor, one backend per activation_memory_budget (with a "
         "shared backend dynamo reuses the first copy's code for every later copy, so later "
         "budgets never apply), the config patched around the compile and first step; "
         "solve/compile s = that first step (inductor's on-disk FX-graph and AOTAutograd "

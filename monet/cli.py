@@ -1,11 +1,19 @@
-"""The ``monet`` command: ``demo``, ``profile``, ``solve``, ``bench`` and ``report``.
+"""The ``monet`` command: ``demo``, ``profile``, ``solve``, ``bench``, ``report`` and ``frontier``.
 
     monet demo                                   # optimise the embedded ViT, train 3 steps
     monet profile vit_small_demo -o problem.json # capture + profile a zoo model
     monet solve problem.json --budget 0.5 -o schedule.json
     monet solve problem.json --budget 0.5 --frontier 1.0,0.7,0.5
-    monet bench --models vit_tiny_test           # benchmarks/checkpoint_frontier.py
-    monet report                                 # benchmarks/peers.py: monet beside its peers
+    monet bench convnext_t:6:224 --budgets 1.0,0.7,0.5,0.35 --methods eager checkpoint monet
+                                                 # monet beside its peers, into ./monet-bench
+    monet report                                 # the same on the report's models, into
+                                                 # benchmarks/results/peers (the committed one)
+    monet frontier --models vit_tiny_test        # benchmarks/checkpoint_frontier.py
+
+``bench`` and ``report`` run ``benchmarks/peers.py`` (models are positional,
+options pass through: ``monet bench --help``); ``frontier`` runs
+``benchmarks/checkpoint_frontier.py``, monet's predicted against measured peak
+per budget. All three need monet's source tree.
 
 A budget is a fraction of the unoptimised peak (``0.5``), a number of bytes
 (``400000000``) or a size with a unit (``300MiB``, ``4GB``). Errors a user can
@@ -29,8 +37,11 @@ from types import ModuleType
 from typing import Any
 
 DEMO_MODEL = "vit_small_demo"
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "checkpoint_frontier.py"
-PEERS = BENCHMARK.with_name("peers.py")
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+PEERS = BENCHMARKS / "peers.py"
+FRONTIER = BENCHMARKS / "checkpoint_frontier.py"
+BENCH_OUTPUT = Path("monet-bench")
+"""Where ``monet bench`` writes unless told (``monet report`` writes the committed report)."""
 
 
 class CommandError(Exception):
@@ -398,10 +409,9 @@ def _is_number(text: str) -> bool:
 # -------------------------------------------------------------------- bench
 
 
-def load_benchmark(path: Path = BENCHMARK) -> ModuleType:
-    """A benchmark script (default ``benchmarks/checkpoint_frontier.py``) of monet's source tree."""
+def load_benchmark(path: Path, command: str) -> ModuleType:
+    """A benchmark script of monet's source tree, which ``monet command`` runs."""
     if not path.is_file():
-        command = "report" if path == PEERS else "bench"
         raise CommandError(
             f"{path} not found: `monet {command}` needs monet's source tree "
             "(pip install -e .)"
@@ -480,19 +490,28 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("-v", "--verbose", action="store_true", help="show the solver's log")
     solve.set_defaults(run=cmd_solve)
 
-    # The benchmark parses its own arguments (see `monet bench --help`).
-    bench = commands.add_parser(
-        "bench", add_help=False,
-        help="run benchmarks/checkpoint_frontier.py (arguments pass through)",
-    )
-    bench.set_defaults(run=None)
-    report = commands.add_parser(
-        "report", add_help=False,
-        help="run benchmarks/peers.py: monet beside checkpoint, torch.compile and RevViT "
-             "(arguments pass through)",
-    )
-    report.set_defaults(run=None)
+    # The benchmarks parse their own arguments (see `monet bench --help`).
+    benchmarks = {
+        "bench": "monet beside checkpoint, torch.compile and RevViT on MODEL ... "
+                 f"(benchmarks/peers.py; writes ./{BENCH_OUTPUT})",
+        "report": "benchmarks/peers.py with its defaults: the committed report in "
+                  "benchmarks/results/peers",
+        "frontier": "benchmarks/checkpoint_frontier.py: monet's predicted and measured "
+                    "peak per budget",
+    }
+    for name, help_text in benchmarks.items():
+        commands.add_parser(name, add_help=False, help=help_text).set_defaults(run=None)
     return parser
+
+
+def run_benchmark(command: str, argv: list[str]) -> int:
+    """``monet bench|report|frontier ARGS``: the benchmark script's ``main`` on ``ARGS``."""
+    if command == "frontier":
+        return int(load_benchmark(FRONTIER, command).main(argv) or 0)
+    peers = load_benchmark(PEERS, command)
+    if command == "bench":
+        return int(peers.main(argv, prog="monet bench", output_dir=BENCH_OUTPUT) or 0)
+    return int(peers.main(argv, prog="monet report") or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -500,9 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        if args.command in ("bench", "report"):
-            script = BENCHMARK if args.command == "bench" else PEERS
-            return int(load_benchmark(script).main(extra) or 0)
+        if args.command in ("bench", "report", "frontier"):
+            return run_benchmark(args.command, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "solve" and args.frontier and args.output is not None:

@@ -173,11 +173,18 @@ def test_demo_reports_an_impossible_budget(capsys):
     assert "cannot be met" in capsys.readouterr().err
 
 
-def test_bench_passes_its_arguments_to_the_benchmark(capsys):
+def test_frontier_passes_its_arguments_to_the_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--help"])
+        main(["frontier", "--help"])
     assert exit_info.value.code == 0
-    assert "--budgets" in capsys.readouterr().out
+    assert "--timing-repeats" in capsys.readouterr().out  # checkpoint_frontier.py's option
+
+
+def test_bench_refuses_compile_models_it_does_not_run(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "vit_tiny_test", "--methods", "eager", "--compile-models", "nothing"])
+    assert exit_info.value.code == 2
+    assert "--compile-models nothing: not among the models" in capsys.readouterr().err
 
 
 def test_console_entry_point():
@@ -186,5 +193,5 @@ def test_console_entry_point():
         timeout=60, check=False, cwd=Path(__file__).parent,
     )
     assert result.returncode == 0, result.stderr
-    for command in ("demo", "profile", "solve", "bench"):
+    for command in ("demo", "profile", "solve", "bench", "report", "frontier"):
         assert command in result.stdout

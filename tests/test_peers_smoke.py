@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/peers.py: a tiny model, three methods, every output written."""
+"""Smoke test of benchmarks/peers.py through ``monet bench``: a tiny model, three methods,
+every output written; its options (models, methods, torch.compile's models) without running."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ def peers():
     return module
 
 
-def test_peers_writes_a_frontier_for_each_method(peers, tmp_path, capsys):
-    code = peers.main([
-        "--models", "vit_tiny_test", "--methods", "eager", "checkpoint", "monet",
+def test_monet_bench_writes_a_frontier_for_each_method(tmp_path, capsys):
+    from monet.cli import main
+
+    code = main([
+        "bench", "vit_tiny_test", "--methods", "eager", "checkpoint", "monet",
         "--repeats", "1", "--time-limit", "2", "--output-dir", str(tmp_path),
     ])
     assert code == 0
@@ -46,6 +49,32 @@ def test_peers_writes_a_frontier_for_each_method(peers, tmp_path, capsys):
                  "summary.md", "report.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert "monet" in capsys.readouterr().out  # the summary table is printed
+    assert "command: `monet bench vit_tiny_test --methods" in (tmp_path / "report.md").read_text()
+
+
+def test_models_are_positional_or_after_models(peers):
+    labels = [peers.case_label(c) for c in peers.parse_arguments(
+        ["vit_tiny_test", "convnext_t:6:224", "--models", "revvit_s:8:224"]).models]
+    assert labels == ["vit_tiny_test", "convnext_t:6:224", "revvit_s:8:224"]
+    assert [peers.case_label(c) for c in peers.parse_arguments(["--models", "vit_tiny_test"])
+            .models] == ["vit_tiny_test"]
+    assert [peers.case_label(c) for c in peers.parse_arguments([]).models] == peers.DEFAULT_MODELS
+
+
+def test_torch_compile_runs_on_every_model_unless_restricted(peers):
+    everything = peers.parse_arguments(["vit_tiny_test", "convnext_tiny_test"])
+    restricted = peers.parse_arguments(
+        ["vit_tiny_test", "convnext_tiny_test:2", "--compile-models", "vit_tiny_test"])
+    for arguments in (everything, restricted):
+        arguments.compile_skipped = set()
+    vit = peers.Subject("vit_tiny_test", None, (), 2)
+    convnext = peers.Subject("convnext_tiny_test:2", None, (), 2)
+    assert peers.COMPILE in peers.methods_of(convnext, everything)
+    assert peers.COMPILE in peers.methods_of(vit, restricted)
+    assert peers.COMPILE not in peers.methods_of(convnext, restricted)
+    assert restricted.compile_skipped == {"convnext_tiny_test:2"}  # it gets a row that says so
+    with pytest.raises(SystemExit):
+        peers.parse_arguments(["vit_tiny_test", "--compile-models", "convnext_t"])
 
 
 def test_block_containers_find_the_repeated_blocks(peers):
@@ -61,10 +90,14 @@ def test_block_containers_find_the_repeated_blocks(peers):
     assert not isinstance(model.blocks[0], peers.Checkpointed)  # the original is untouched
 
 
-def test_monet_report_runs_the_peers_benchmark(capsys):
+@pytest.mark.parametrize("command", ["bench", "report"])
+def test_monet_bench_and_report_run_the_peers_benchmark(command, capsys):
     from monet.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["report", "--help"])
+        main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "--compile-budgets" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"usage: monet {command}" in out and "--compile-models" in out
+    folder = "monet-bench" if command == "bench" else "benchmarks/results/peers"
+    assert f"(default {folder})" in " ".join(out.split())
