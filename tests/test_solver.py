@@ -197,3 +197,45 @@ def test_schedule_for_another_graph_is_refused(tmp_path):
     schedule.save(tmp_path / "s.json")
     with pytest.raises(ProblemFileError, match="graph_hash"):
         Schedule.load(tmp_path / "s.json", other)
+
+
+@pytest.mark.parametrize("choices", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_relaxation_bounds_the_brute_force_optimum(seed, choices):
+    from monet.solver.relaxation import relaxation_lower_bound, solve_relaxation
+
+    problem = random_problem(5, seed=seed, workspace_probability=0.3)
+    if choices:
+        problem = with_random_choices(problem, seed=seed)
+    high = keep_all(problem).predicted_peak
+    least, _ = minimum_budget(problem, time_limit=3)
+    low = least.budget
+    optimum = brute_force_with_variants if choices else brute_force
+    for budget in sorted({high, (high + low) // 2, low, low - 1}):
+        expected = optimum(problem, budget)
+        lp = relaxation_lower_bound(problem, budget)
+        relaxation = solve_relaxation(problem, budget, integral=True)
+        if expected is None:
+            continue  # any bound is valid; infinite ones are checked below
+        assert lp <= relaxation.bound + 1e-12  # the 0/1 program is tighter
+        assert relaxation.bound <= expected + 1e-12
+    # Below the proven floor nothing fits, and the relaxation says so.
+    from monet.solver.bound import budget_lower_bound
+
+    floor = budget_lower_bound(problem)
+    if floor > 1:
+        assert solve_relaxation(problem, 1).bound == float("inf")
+
+
+def test_relaxation_is_tighter_than_the_knapsack_on_a_larger_graph():
+    from monet.solver.relaxation import relaxation_lower_bound
+
+    problem = random_problem(60, seed=3)
+    high = keep_all(problem).predicted_peak
+    least, _ = minimum_budget(problem, time_limit=3)
+    budget = (high + least.budget) // 2
+    schedule = solve(problem, budget, time_limit=5)
+    lp = relaxation_lower_bound(problem, budget)
+    assert time_lower_bound(problem, budget) <= lp + 1e-12
+    assert lp <= schedule.predicted_overhead + 1e-12
+    assert schedule.bound >= lp - 1e-12  # solve() reports the stronger bound

@@ -11,7 +11,8 @@ has a true peak, and the cheapest that fits the budget wins.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 from monet.simulate import simulate
 from monet.solver.ilp import Structure, analyse
@@ -147,19 +148,25 @@ def _scan(problem: Problem, evaluations: int) -> list[Candidate]:
     lengths = sorted({round(i * len(order) / (evaluations - 1)) for i in range(evaluations)})
     result = []
     for length in lengths:
-        redo = set(order[:length])
-        made = schedule_for(problem, structure, redo)
-        if made is None:
-            continue
-        kept, recompute = made
-        draft = Schedule(problem.graph_hash, None, kept, recompute, 0, 0.0, "heuristic")
-        try:
-            peak = simulate(problem, build_program(problem, draft)).peak
-        except ScheduleError:
-            continue
-        overhead = sum(structure.cost[a] for a, _ in recompute)
-        result.append(Candidate(kept, recompute, peak, overhead))
+        candidate = evaluate(problem, structure, set(order[:length]))
+        if candidate is not None:
+            result.append(candidate)
     return result
+
+
+def evaluate(problem: Problem, structure: Structure, redo: set[int]) -> Candidate | None:
+    """The schedule recomputing ``redo`` as late as possible, with its exact peak
+    (``problem`` has no choices left; None when it cannot run)."""
+    made = schedule_for(problem, structure, redo)
+    if made is None:
+        return None
+    kept, recompute = made
+    draft = Schedule(problem.graph_hash, None, kept, recompute, 0, 0.0, "heuristic")
+    try:
+        peak = simulate(problem, build_program(problem, draft)).peak
+    except ScheduleError:
+        return None
+    return Candidate(kept, recompute, peak, sum(structure.cost[a] for a, _ in recompute))
 
 
 def best_within(candidates: list[Candidate], budget: int) -> Candidate | None:
@@ -170,3 +177,44 @@ def best_within(candidates: list[Candidate], budget: int) -> Candidate | None:
 
 def least_peak(candidates: list[Candidate]) -> Candidate | None:
     return min(candidates, key=lambda c: (c.peak, c.overhead)) if candidates else None
+
+
+def relax_and_repair(
+    problem: Problem, budget: int, time_limit: float = 4.0, rounds: int = 4
+) -> list[Candidate]:
+    """Schedules from the interval relaxation's 0/1 answers, each with its exact peak.
+
+    The relaxation (:mod:`monet.solver.relaxation`) picks recomputations and
+    variants under a model that leaves the recomputations' own bytes out, so
+    its answer can exceed ``budget``; each round lowers the relaxation's
+    budget by the overshoot and solves again, until a schedule fits or
+    ``time_limit`` seconds are spent.
+    """
+    import time
+
+    from monet.solver.relaxation import solve_relaxation
+
+    started = time.perf_counter()
+    result: list[Candidate] = []
+    target = budget
+    bound = -math.inf
+    for done in range(rounds):
+        left = time_limit - (time.perf_counter() - started)
+        if left < 0.2:
+            break
+        relaxation = solve_relaxation(problem, target, True, left / (rounds - done))
+        if target == budget:
+            bound = relaxation.bound
+        if relaxation.redo is None:
+            break
+        variants = relaxation.variants or ()
+        applied = problem.apply(variants)
+        candidate = evaluate(applied, analyse(applied), set(relaxation.redo))
+        if candidate is None:
+            break
+        result.append(replace(candidate, variants=variants,
+                              overhead=candidate.overhead + variant_seconds(problem, variants)))
+        if candidate.peak <= budget:
+            break
+        target -= candidate.peak - budget
+    return result, bound
