@@ -181,20 +181,23 @@ def least_peak(candidates: list[Candidate]) -> Candidate | None:
 
 def relax_and_repair(
     problem: Problem, budget: int, time_limit: float = 4.0, rounds: int = 4
-) -> list[Candidate]:
+) -> tuple[list[Candidate], float]:
     """Schedules from the interval relaxation's 0/1 answers, each with its exact peak.
 
     The relaxation (:mod:`monet.solver.relaxation`) picks recomputations and
     variants under a model that leaves the recomputations' own bytes out, so
     its answer can exceed ``budget``; each round lowers the relaxation's
     budget by the overshoot and solves again, until a schedule fits or
-    ``time_limit`` seconds are spent.
+    ``time_limit`` seconds are spent. Also returns the relaxation's lower bound
+    on the added time within ``budget`` (``inf``: nothing fits; ``-inf``: none
+    found in time).
     """
     import time
 
-    from monet.solver.relaxation import solve_relaxation
+    from monet.solver.relaxation import Relaxation
 
     started = time.perf_counter()
+    relaxation_model = Relaxation(problem)
     result: list[Candidate] = []
     target = budget
     bound = -math.inf
@@ -202,7 +205,7 @@ def relax_and_repair(
         left = time_limit - (time.perf_counter() - started)
         if left < 0.2:
             break
-        relaxation = solve_relaxation(problem, target, True, left / (rounds - done))
+        relaxation = relaxation_model.solve(target, True, left / (rounds - done))
         if target == budget:
             bound = relaxation.bound
         if relaxation.redo is None:

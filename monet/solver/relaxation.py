@@ -50,8 +50,6 @@ class Relaxed:
     """The ops the best 0/1 answer recomputes (None: no 0/1 answer)."""
     variants: tuple[int, ...] | None = None
     """The alternative the best 0/1 answer picks per choice."""
-    proven: bool = False
-    """The 0/1 program was solved to optimality (its answer's cost is ``bound``)."""
 
 
 def relaxation_lower_bound(
@@ -67,22 +65,18 @@ def solve_relaxation(
     problem: Problem, budget: int, integral: bool = True, time_limit: float = 5.0
 ) -> Relaxed:
     """The relaxation of the module docstring, solved by HiGHS within ``time_limit``."""
-    model = _Model(problem, budget)
-    if model.infeasible:
-        return Relaxed(math.inf)
-    return model.solve(integral, time_limit)
+    return Relaxation(problem).solve(budget, integral, time_limit)
 
 
-class _Model:
-    """The relaxation's columns and rows, in scipy's sparse form."""
+class Relaxation:
+    """The relaxation's columns, logic rows and memory terms for one problem, built
+    once; :meth:`solve` adds the memory rows of a budget and solves."""
 
-    def __init__(self, problem: Problem, budget: int):
+    def __init__(self, problem: Problem):
         st = analyse(problem)
-        self.structure = st
         sizes = problem.storage_bytes
         owner = storage_owner(problem)
         n_forward, points = len(st.forward), st.points
-        self.ops = st.ops
         self.columns = 0
         self.cost: list[float] = []
         self.upper_bound: list[float] = []
@@ -181,16 +175,13 @@ class _Model:
         for c, k, point, amount in st.conditional_workspace:
             if point >= n_forward or st.forward[point] in live:
                 terms.append((pick[c, k], amount, point, point))
-        level = np.asarray(st.fixed, dtype=np.int64) + np.cumsum(constant)[:points]
-        level -= _skippable_bytes(problem, st, live, pinned_storages(problem))
-        self.room = budget - level
-        self.infeasible = bool((self.room < 0).any())
-        # Only the points where every term at once would not fit can bind.
+        self.level = np.asarray(st.fixed, dtype=np.int64) + np.cumsum(constant)[:points]
+        self.level -= _skippable_bytes(problem, st, live, pinned_storages(problem))
         load = np.zeros(points + 1, dtype=np.int64)
         for _, amount, lo, hi in terms:
             load[lo] += amount
             load[hi + 1] -= amount
-        self.binding = np.flatnonzero(np.cumsum(load)[:points] > self.room)
+        self.load = np.cumsum(load)[:points]
         self.terms = terms
 
     def _column(self, cost: float, upper: float = 1.0) -> int:
@@ -199,8 +190,13 @@ class _Model:
         self.columns += 1
         return self.columns - 1
 
-    def solve(self, integral: bool, time_limit: float) -> Relaxed:
-        binding = self.binding
+    def solve(self, budget: int, integral: bool = True, time_limit: float = 5.0) -> Relaxed:
+        """The relaxation within ``budget``, solved by HiGHS within ``time_limit``."""
+        room = budget - self.level
+        if (room < 0).any():
+            return Relaxed(math.inf)
+        # Only the points where every term at once would not fit can bind.
+        binding = np.flatnonzero(self.load > room)
         row_of = {int(p): r for r, p in enumerate(binding)}
         rows, cols, values = [], [], []
         for column, amount, lo, hi in self.terms:
@@ -211,7 +207,7 @@ class _Model:
         constraints = []
         if len(binding):
             memory = sparse.csr_matrix((values, (rows, cols)), shape=(len(binding), self.columns))
-            constraints.append(LinearConstraint(memory, -np.inf, self.room[binding].astype(float)))
+            constraints.append(LinearConstraint(memory, -np.inf, room[binding].astype(float)))
         if self.logic:
             l_rows, l_cols, l_values = [], [], []
             for r, (entries, _, _) in enumerate(self.logic):
@@ -246,7 +242,7 @@ class _Model:
             max(range(count), key=lambda k: x[self.pick_column[c, k]])
             for c, count in enumerate(self.alternatives)
         )
-        return Relaxed(bound, redo, variants, proven=result.status == 0)
+        return Relaxed(bound, redo, variants)
 
 
 def _runs_in_every_forward(problem: Problem, st: Structure) -> set[int]:
