@@ -45,9 +45,27 @@ def tensors_in(value: object) -> list[torch.Tensor]:
 
 def is_random(node: fx.Node) -> bool:
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and (
-        torch.Tag.nondeterministic_seeded in target.tags
-    )
+    if not (
+        isinstance(target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in target.tags
+    ):
+        return False
+    # Attention kernels are tagged seeded for their optional dropout; without
+    # it they are deterministic and may be recomputed like any other op.
+    return _argument(node, "dropout_p", default=1.0) != 0.0
+
+
+def _argument(node: fx.Node, name: str, default: object) -> object:
+    """The value of the schema argument ``name`` of an aten call (``default``: absent)."""
+    for position, argument in enumerate(node.target._schema.arguments):
+        if argument.name != name:
+            continue
+        if name in node.kwargs:
+            return node.kwargs[name]
+        if position < len(node.args) and not argument.kwarg_only:
+            return node.args[position]
+        return argument.default_value if argument.has_default_value() else default
+    return default
 
 
 def has_side_effects(node: fx.Node) -> bool:

@@ -272,3 +272,49 @@ def test_a_schedule_for_another_problem_is_refused():
     coarse = coarsen(random_problem(10, seed=1, view_probability=0.4))
     with pytest.raises(ValueError, match="coarse problem"):
         coarse.expand(keep_all(coarse.original))
+
+
+def residual_chain(blocks: int) -> Problem:
+    """``x_{i+1} = x_i + g(f(x_i))`` with a backward that reads ``f`` and ``g``'s outputs."""
+    graph = Builder()
+    add = graph.add
+    weight = add("weight", "input", "input", (), size=[1], recomputable=False)
+    image = add("image", "input", "input", (), size=[8], recomputable=False)
+    stream = add("x0", "embed", "forward", (image, weight), size=[8], time=1.0)
+    inner = []
+    for b in range(blocks):
+        hidden = add(f"f{b}", "f", "forward", (stream, weight), size=[32], time=1.0)
+        squeezed = add(f"g{b}", "g", "forward", (hidden,), size=[8], time=1.0)
+        stream = add(f"x{b + 1}", "add", "forward", (stream, squeezed), size=[8], time=0.1)
+        inner.append((hidden, squeezed))
+    loss = add("loss", "sum", "forward", (stream,), size=[1], is_output=True)
+    grad = add("tangent", "input", "tangent", (), size=[1], recomputable=False)
+    for b, (hidden, squeezed) in reversed(list(enumerate(inner))):
+        grad = add(f"dg{b}", "grad", "backward", (grad, hidden, squeezed), size=[8])
+    add("dweight", "grad", "backward", (grad,), size=[1], is_output=True)
+    del loss
+    return graph.problem("residual chain")
+
+
+def test_segments_checkpoint_at_the_residual_stream():
+    from monet.solver.heuristic import least_peak, narrow_points, segments
+
+    problem = residual_chain(6)
+    structure = analyse(problem)
+    names = [problem.nodes[n].name for n in range(len(problem.nodes))]
+    owner = {s: i for i, n in enumerate(problem.nodes) for s in n.allocates}
+    boundaries = [names[owner[s]] for s in narrow_points(problem, structure)]
+    assert boundaries == [f"x{b}" for b in range(1, 7)]
+    found = segments(problem)
+    per_block = found[0]
+    # Every later block input kept (x6 feeds only the loss), the embedding and
+    # every f and g recomputed once.
+    assert sorted(names[owner[s]] for s in per_block.kept) == [f"x{b}" for b in range(1, 6)]
+    assert sorted(names[a] for a, _ in per_block.recompute) == sorted(
+        ["x0"] + [f"f{b}" for b in range(6)] + [f"g{b}" for b in range(6)])
+    # Each block's hidden is recomputed only for its own backward: far below keeping all.
+    assert least_peak(found).peak < keep_all(problem).predicted_peak / 2
+    for candidate in found:
+        schedule = Schedule(problem.graph_hash, None, candidate.kept, candidate.recompute,
+                            0, 0.0, "heuristic")
+        assert simulate(problem, build_program(problem, schedule)).peak == candidate.peak

@@ -79,3 +79,53 @@ def test_lower_budgets_recompute_more():
     low = monet.optimize(model, 0.55, (x,), measure=False, time_limit=5).last_plan.schedule
     assert low.predicted_peak < high.predicted_peak
     assert low.predicted_overhead >= high.predicted_overhead
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.dropout = dropout
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout)
+        return out.sum()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_attention_without_dropout_may_be_recomputed(dropout):
+    """Attention kernels carry the seeded tag for their optional dropout: only with
+    dropout do they draw random numbers, and only then must their output be kept."""
+    from monet.capture import capture
+    from monet.graph import analyse
+
+    joint = capture(_Attention(dropout), torch.randn(2, 5, 8, requires_grad=True))
+    problem = analyse(joint, variants=False).problem
+    seeded = [n for n in problem.nodes if n.phase == "forward"
+              and ("scaled_dot_product" in n.op or "bernoulli" in n.op)]
+    assert seeded
+    assert all(n.recomputable == (dropout == 0.0) for n in seeded)
+
+
+def test_recomputed_attention_matches_eager(tmp_path):
+    from monet.solver import Schedule
+    from monet.solver.heuristic import _useful, evaluate
+    from monet.solver.ilp import analyse
+
+    torch.manual_seed(0)
+    full = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), _Attention(0.0))
+    reference = copy.deepcopy(full)
+    x = torch.randn(3, 7, 8, requires_grad=True)
+    problem = monet.optimize(full, 1.0, (x,), measure=False, time_limit=2,
+                             variants=False).last_plan.problem
+    # Recompute everything that may be: the attention kernel included.
+    structure = analyse(problem)
+    candidate = evaluate(problem, structure, _useful(structure, structure.recomputable))
+    assert any("scaled_dot_product" in problem.nodes[a].op for a, _ in candidate.recompute)
+    path = tmp_path / "schedule.json"
+    Schedule(problem.graph_hash, candidate.peak, candidate.kept, candidate.recompute,
+             candidate.peak, candidate.overhead, "heuristic").save(path)
+    optimized = monet.optimize(full, candidate.peak, (x,), measure=False, variants=False,
+                               schedule=str(path))
+    assert_same_step(optimized, full, reference, x, {"rtol": 1e-5, "atol": 1e-7})

@@ -123,7 +123,8 @@ def ranking(problem: Problem, structure: Structure) -> list[int]:
 
 
 def scan(problem: Problem, evaluations: int = 48) -> list[Candidate]:
-    """Schedules recomputing growing prefixes of the ranking, with their exact peaks.
+    """Schedules recomputing growing prefixes of the ranking, and checkpointing
+    at the forward's narrow points (:func:`segments`), with their exact peaks.
 
     With operator variants, the scan runs for the fastest and for the leanest
     alternatives (and the captured ones).
@@ -135,7 +136,7 @@ def scan(problem: Problem, evaluations: int = 48) -> list[Candidate]:
     for variants in vectors:
         applied = problem.apply(variants)
         extra = variant_seconds(problem, variants)
-        for c in _scan(applied, evaluations):
+        for c in _scan(applied, evaluations) + segments(applied):
             result.append(Candidate(c.kept, c.recompute, c.peak, c.overhead + extra, variants))
     return result
 
@@ -152,6 +153,76 @@ def _scan(problem: Problem, evaluations: int) -> list[Candidate]:
         if candidate is not None:
             result.append(candidate)
     return result
+
+
+def narrow_points(problem: Problem, structure: Structure) -> list[int]:
+    """Decision storages that are, when made, (nearly) all the forward carries on,
+    where what it carries narrows.
+
+    At the output of a residual add or between two ops of a chain, the one
+    value just made is all that later forward ops read of the past: a block
+    boundary, found without knowing the blocks. Keeping such a value and
+    recomputing the ops between two of them is what ``torch.utils.checkpoint``
+    around a block does.
+    """
+    owner = storage_owner(problem)
+    sizes = problem.storage_bytes
+    position = {i: p for p, i in enumerate(structure.forward)}
+    crossing = [0] * (len(structure.forward) + 1)
+    for s in structure.decision_storages:
+        born, death = position[owner[s]], structure.forward_death[s]
+        if death > born:
+            crossing[born] += sizes[s]
+            crossing[death] -= sizes[s]
+    for p in range(1, len(crossing)):
+        crossing[p] += crossing[p - 1]
+    result = []
+    for s in structure.decision_storages:
+        born = position[owner[s]]
+        narrows = born > 0 and crossing[born] <= crossing[born - 1]
+        if (owner[s] in structure.recomputable and structure.forward_death[s] > born
+                and narrows and sizes[s] >= NARROW * crossing[born]):
+            result.append(s)
+    return sorted(result, key=lambda s: position[owner[s]])
+
+
+NARROW = 0.9
+"""Share of the bytes crossing a forward position that one value must hold to be a boundary."""
+
+
+def segments(problem: Problem, strides: int = 12) -> list[Candidate]:
+    """Keep every k-th narrow value, recompute every other op the backward needs
+    as late as possible (k = 1 .. ``strides``), with exact peaks.
+
+    The ranking scan never keeps a boundary while recomputing what surrounds
+    it, so it misses the small peaks of per-block checkpointing; these
+    schedules reach them, and the exact solver starts from them.
+    """
+    structure = analyse(problem)
+    boundaries = narrow_points(problem, structure)
+    if not boundaries:
+        return []
+    owner = storage_owner(problem)
+    result = []
+    for stride in range(1, min(strides, len(boundaries)) + 1):
+        keep = {owner[s] for s in boundaries[stride - 1::stride]}
+        redo = _useful(structure, structure.recomputable - keep)
+        candidate = evaluate(problem, structure, redo)
+        if candidate is not None:
+            result.append(candidate)
+    return result
+
+
+def _useful(structure: Structure, redo: set[int]) -> set[int]:
+    """The ops of ``redo`` whose outputs the backward, or a useful recomputation, reads."""
+    useful: set[int] = set()
+    for a in sorted(redo, reverse=True):  # readers come later in the forward
+        outputs = structure.outputs_of[a]
+        if any(s in structure.first_read for s in outputs) or any(
+            w in useful for s in outputs for w in structure.readers.get(s, ())
+        ):
+            useful.add(a)
+    return useful
 
 
 def evaluate(problem: Problem, structure: Structure, redo: set[int]) -> Candidate | None:
