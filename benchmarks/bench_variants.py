@@ -15,6 +15,7 @@ import torch
 
 from monet.measure import measure_peak_memory
 from monet.operators.conv import convolution_backward_native, convolution_native
+from monet.operators.mlp import activation_backward_recompute, mlp_weight_grad_recompute
 from monet.operators.norms import batch_norm_backward_from_output, layer_norm_backward_from_output
 
 aten = torch.ops.aten
@@ -64,7 +65,34 @@ def _convolution_backward(shape=(8, 64, 56, 56), channels=64, kernel=3):
             (convolution_backward_native, backward))
 
 
+def _mlp(tokens=8 * 197, width=384, hidden=1536):
+    """ViT-S's MLP: the default reads the kept hidden values, the variant rebuilds them."""
+    g = torch.Generator().manual_seed(0)
+    x2d = torch.randn(tokens, width, generator=g)
+    w1t, b1 = torch.randn(width, hidden, generator=g) / width**0.5, torch.zeros(hidden)
+    a = torch.addmm(b1, x2d, w1t)
+    mask = torch.rand(tokens, hidden, generator=g) > 0.1
+    h = aten.gelu(a) * mask * (1 / 0.9)
+    return x2d, w1t, b1, a, mask, h, torch.randn(width, tokens, generator=g)
+
+
+def _mlp_weight_grad():
+    x2d, w1t, b1, _, mask, h, grad_t = _mlp()
+    return ((aten.mm.default, (grad_t, h)),
+            (mlp_weight_grad_recompute,
+             (grad_t, x2d, w1t, b1, "gelu", "none", [mask, 1 / 0.9])))
+
+
+def _mlp_activation_backward():
+    x2d, w1t, b1, a, _, _, _ = _mlp()
+    grad = torch.randn_like(a)
+    return ((aten.gelu_backward.default, (grad, a)),
+            (activation_backward_recompute, (grad, x2d, w1t, b1, "gelu", "none")))
+
+
 CASES = {
+    "mlp.backward_recompute_hidden (fc2 weight gradient)": _mlp_weight_grad,
+    "mlp.backward_recompute_hidden (activation backward)": _mlp_activation_backward,
     "layer_norm.backward_from_output": _layer_norm,
     "batch_norm.backward_from_output": _batch_norm,
     "convolution.native (forward)": _convolution,

@@ -11,6 +11,9 @@ its outputs while it runs) is read from the profiler's allocator events.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import inspect
 import json
 import os
 import statistics
@@ -109,6 +112,10 @@ def signature(node: fx.Node, args: Any, kwargs: Any, device: torch.device, targe
     name = getattr(target, "__module__", "") + "." + getattr(target, "__qualname__", str(target))
     if isinstance(target, torch._ops.OpOverload):
         name = str(target)
+    else:
+        # A variant's Python code can change under the same name: its module's
+        # source is part of the key, so an edited variant is measured again.
+        name += "@" + _module_digest(getattr(target, "__module__", None))
 
     def describe(x: Any) -> str:
         if isinstance(x, torch.Tensor):
@@ -120,6 +127,16 @@ def signature(node: fx.Node, args: Any, kwargs: Any, device: torch.device, targe
         return repr(x)
 
     return f"{device}|t{torch.get_num_threads()}|{name}|{describe(args)}|{describe(kwargs)}"
+
+
+@functools.cache
+def _module_digest(module_name: str | None) -> str:
+    module = sys.modules.get(module_name or "")
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
 def _tangent_value(node: fx.Node, device: torch.device) -> torch.Tensor:

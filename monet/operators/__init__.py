@@ -69,9 +69,10 @@ Finder = Callable[[fx.Node], Iterable[Site]]
 
 
 def _finders() -> list[Finder]:
-    from monet.operators import conv, norms
+    from monet.operators import conv, mlp, norms
 
-    return [norms.layer_norm_sites, norms.batch_norm_sites, conv.convolution_sites]
+    return [norms.layer_norm_sites, norms.batch_norm_sites, conv.convolution_sites,
+            mlp.mlp_sites]
 
 
 def find_sites(
