@@ -110,12 +110,24 @@ def minimum_budget(
     stop_at: int | None = None,
     candidates: list[Candidate] | None = None,
     backend: str = "cpsat",
+    coarsen_first: bool = True,
 ) -> tuple[Schedule, int]:
     """The schedule of least peak found, and a lower bound on any schedule's peak.
 
     The schedule's ``budget`` is the smallest budget ``solve`` accepts for it.
-    With ``stop_at``, the search ends as soon as a schedule fits that.
+    With ``stop_at``, the search ends as soon as a schedule fits that. With
+    ``coarsen_first`` (and no ``candidates``, which belong to ``problem``), the
+    search runs on the exact coarsening, as ``solve`` does: on the zoo's
+    graphs a smaller model lets CP-SAT go much further in the same time.
     """
+    if coarsen_first and candidates is None:
+        coarse = coarsen(problem)
+        if len(coarse.problem.nodes) < len(problem.nodes):
+            found, _ = minimum_budget(coarse.problem, time_limit, stop_at, None, backend,
+                                      coarsen_first=False)
+            expanded = coarse.expand(found)
+            # The floor is proven on this problem, not on the coarse one.
+            return replace(expanded, budget=expanded.predicted_peak), budget_lower_bound(problem)
     started = time.perf_counter()
     candidates = scan(problem) if candidates is None else candidates
     start = least_peak(candidates)
