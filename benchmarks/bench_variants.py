@@ -15,7 +15,7 @@ import torch
 
 from monet.measure import measure_peak_memory
 from monet.operators.conv import convolution_backward_native, convolution_native
-from monet.operators.mlp import activation_backward_recompute, mlp_weight_grad_recompute
+from monet.operators.mlp import mlp_backward_chunked, mlp_weight_grad_recompute
 from monet.operators.norms import batch_norm_backward_from_output, layer_norm_backward_from_output
 
 aten = torch.ops.aten
@@ -66,33 +66,33 @@ def _convolution_backward(shape=(8, 64, 56, 56), channels=64, kernel=3):
 
 
 def _mlp(tokens=8 * 197, width=384, hidden=1536):
-    """ViT-S's MLP: the default reads the kept hidden values, the variant rebuilds them."""
+    """ViT-S's MLP backward: the default (autograd's ops) reads the kept hidden values,
+    the variant rebuilds them a chunk of tokens at a time."""
     g = torch.Generator().manual_seed(0)
     x2d = torch.randn(tokens, width, generator=g)
     w1t, b1 = torch.randn(width, hidden, generator=g) / width**0.5, torch.zeros(hidden)
+    w2t = torch.randn(hidden, width, generator=g) / hidden**0.5
     a = torch.addmm(b1, x2d, w1t)
     mask = torch.rand(tokens, hidden, generator=g) > 0.1
     h = aten.gelu(a) * mask * (1 / 0.9)
-    return x2d, w1t, b1, a, mask, h, torch.randn(width, tokens, generator=g)
+    grad2d = torch.randn(tokens, width, generator=g)
 
+    def default(grad2d, x2d, w1t, a, h, mask, w2t):
+        grad_a = aten.gelu_backward(
+            aten.native_dropout_backward(torch.mm(grad2d, w2t.t()), mask, 1 / 0.9), a)
+        return (torch.mm(grad2d.t(), h), torch.mm(grad_a, w1t.t()), torch.mm(grad_a.t(), x2d),
+                grad_a.sum(0, keepdim=True))
 
-def _mlp_weight_grad():
-    x2d, w1t, b1, _, mask, h, grad_t = _mlp()
-    return ((aten.mm.default, (grad_t, h)),
-            (mlp_weight_grad_recompute,
-             (grad_t, x2d, w1t, b1, "gelu", "none", [mask, 1 / 0.9])))
+    def variant(grad2d, x2d, w1t, b1, w2t, factors):
+        return (mlp_weight_grad_recompute(grad2d.t(), x2d, w1t, b1, "gelu", "none", factors),
+                *mlp_backward_chunked(grad2d, x2d, w1t, b1, w2t, "gelu", "none", factors))
 
-
-def _mlp_activation_backward():
-    x2d, w1t, b1, a, _, _, _ = _mlp()
-    grad = torch.randn_like(a)
-    return ((aten.gelu_backward.default, (grad, a)),
-            (activation_backward_recompute, (grad, x2d, w1t, b1, "gelu", "none")))
+    return ((default, (grad2d, x2d, w1t, a, h, mask, w2t)),
+            (variant, (grad2d, x2d, w1t, b1, w2t, [mask, 1 / 0.9])))
 
 
 CASES = {
-    "mlp.backward_recompute_hidden (fc2 weight gradient)": _mlp_weight_grad,
-    "mlp.backward_recompute_hidden (activation backward)": _mlp_activation_backward,
+    "mlp.backward_chunked": _mlp,
     "layer_norm.backward_from_output": _layer_norm,
     "batch_norm.backward_from_output": _batch_norm,
     "convolution.native (forward)": _convolution,

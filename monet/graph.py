@@ -78,7 +78,16 @@ def has_side_effects(node: fx.Node) -> bool:
 def analyse(
     joint: JointGraph, variants: bool = True, lossy: bool = False, forward_kernels: bool = False
 ) -> AnalysedGraph:
-    """Phases, storages and flags of every node of ``joint``, and its variant sites."""
+    """Phases, storages and flags of every node of ``joint``, and its variant sites.
+
+    With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's
+    backward) are first fused into one node each, in ``joint`` itself; that node
+    runs the captured ops, so the default step is unchanged.
+    """
+    if variants:
+        from monet.operators.mlp import fuse_mlp_backwards
+
+        fuse_mlp_backwards(joint.module)
     graph = joint.module.graph
     output = graph.output_node()
     outs = list(output.args[0])

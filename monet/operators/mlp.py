@@ -2,13 +2,20 @@
 
 In ``fc2(act(fc1(x)))`` the backward reads two values four times as wide as
 the block: the pre-activation ``a = fc1(x)`` (for the activation's backward)
-and the hidden ``h = act(a)`` (for fc2's weight gradient). Keeping them is
-most of a transformer block's activation memory; recomputing them with
-checkpointing brings both back whole. The variant rewrites those two
-backward nodes to read ``x`` (kept anyway: fc1's weight gradient reads it)
-and rebuild ``a`` and ``h`` for a quarter of the tokens at a time, so the
-hidden is never whole in the backward, at the cost of running fc1 twice more.
-Dropout between the activation and fc2 is replayed from its kept mask.
+and the hidden ``h = act(a)`` (for fc2's weight gradient), and makes two
+more of that width (the gradients of ``h`` and ``a``). Keeping ``a`` and
+``h`` is most of a transformer block's activation memory; recomputing them
+with checkpointing brings all four back whole at once.
+
+The MLP's backward is first fused into one node that runs the captured ops
+(:func:`fuse_mlp_backwards`, bit for bit the unfused graph); fc2's weight
+gradient stays apart, so that ``h`` is freed as early as before. The variant
+rewrites both to read ``x`` (kept anyway: fc1's weight gradient reads it)
+instead of ``a`` and ``h``: :func:`mlp_weight_grad_recompute` rebuilds ``h``
+and :func:`mlp_backward_chunked` ``a`` and the gradients, an eighth of the
+tokens at a time, so no full-width value exists in the backward, for two
+more runs of fc1. Dropout between the activation and fc2 is replayed from its
+kept mask.
 
 Results equal aten's up to float rounding: a matrix product over a chunk of
 rows, and a weight gradient summed over chunks, round differently.
@@ -16,7 +23,9 @@ rows, and a weight gradient summed over chunks, round differently.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import operator
 
 import torch
 from torch import fx
@@ -25,8 +34,8 @@ from monet.operators import Alternative, Rewrite, Site
 
 aten = torch.ops.aten
 
-CHUNKS = 4
-"""Token chunks: the backward holds a quarter of the hidden value at a time."""
+CHUNKS = 8
+"""Token chunks: the backward holds an eighth of the hidden width's values at a time."""
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _ACTIVATIONS = {
@@ -60,53 +69,6 @@ def _hidden(a, activation, approximate, factors, width, rows):
     for factor in factors:
         h.mul_(factor.reshape(-1, width)[rows] if isinstance(factor, torch.Tensor) else factor)
     return h
-
-
-def mlp_weight_grad_recompute(
-    grad_t: torch.Tensor,
-    x2d: torch.Tensor,
-    weight_t: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str,
-    approximate: str,
-    factors: list,
-    chunks: int = CHUNKS,
-) -> torch.Tensor:
-    """``grad_t @ h`` (fc2's weight gradient) with ``h`` rebuilt from ``x`` chunk by chunk."""
-    width = weight_t.shape[1]
-    out = None
-    for rows in _rows(x2d.shape[0], chunks):
-        h = _hidden(_pre_activation(x2d, weight_t, bias, rows), activation, approximate,
-                    factors, width, rows)
-        if out is None:
-            out = torch.mm(grad_t[:, rows], h)
-        else:
-            out.addmm_(grad_t[:, rows], h)
-    return out
-
-
-def activation_backward_recompute(
-    grad: torch.Tensor,
-    x2d: torch.Tensor,
-    weight_t: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str,
-    approximate: str,
-    chunks: int = CHUNKS,
-) -> torch.Tensor:
-    """The activation's backward with its input ``a = fc1(x)`` rebuilt chunk by chunk."""
-    width = weight_t.shape[1]
-    flat = grad.reshape(-1, width)
-    out = torch.empty_like(flat, memory_format=torch.contiguous_format)
-    for rows in _rows(x2d.shape[0], chunks):
-        a = _pre_activation(x2d, weight_t, bias, rows)
-        # The out= overloads write each chunk in place: no chunk-sized copy.
-        if activation == "gelu":
-            aten.gelu_backward.grad_input(flat[rows], a, approximate=approximate,
-                                          grad_input=out[rows])
-        else:
-            aten.silu_backward.grad_input(flat[rows], a, grad_input=out[rows])
-    return out.view(grad.shape)
 
 
 def _source(node: object) -> object:
@@ -164,25 +126,40 @@ def _to_fc2(start: fx.Node, depends):
         return None
 
 
-def mlp_sites(node: fx.Node) -> list[Site]:
+class _Match:
+    """The pieces of one MLP in the joint graph, forward and backward."""
+
+    def __init__(self, **pieces):
+        self.__dict__.update(pieces)
+
+
+def _t_of(node: object) -> object:
+    """``x`` when ``node`` is ``aten.t(x)``."""
+    if isinstance(node, fx.Node) and node.target is aten.t.default:
+        return node.args[0]
+    return None
+
+
+def _match(node: fx.Node) -> _Match | None:
+    """The MLP whose activation backward is ``node``, or None."""
     forward_activation = _ACTIVATIONS.get(node.target)
     if forward_activation is None:
-        return []
+        return None
     grad, a = node.args[:2]
     approximate = node.kwargs.get("approximate", node.args[2] if len(node.args) > 2 else "none")
     fc1_node = _source(a)
     fc1 = _fc1(fc1_node)
     if fc1 is None or a.meta["val"].numel() != fc1_node.meta["val"].numel():
-        return []
+        return None
     x2d, weight_t, bias = fc1
     activations = [u for u in a.users if u.target is forward_activation]
     if len(activations) != 1:
-        return []
+        return None
     act = activations[0]
     if forward_activation is aten.gelu.default and act.kwargs.get(
         "approximate", act.args[1] if len(act.args) > 1 else "none"
     ) != approximate:
-        return []
+        return None
     hidden_nodes = {fc1_node, a, act}
 
     def depends(other: fx.Node) -> bool:
@@ -190,21 +167,251 @@ def mlp_sites(node: fx.Node) -> list[Site]:
 
     found = _to_fc2(act, depends)
     if found is None:
-        return []
+        return None
     factors, h2d = found
     # h2d feeds fc2 and fc2's weight gradient, ``mm(t(grad), h2d)``; nothing else.
     weight_grads = [u for u in h2d.users if u.target is aten.mm.default and u.args[1] is h2d]
     if len(weight_grads) != 1 or len(h2d.users) != 2:
-        return []
+        return None
     fc2 = next(u for u in h2d.users if u is not weight_grads[0])
     if _fc1(fc2) is None or _fc1(fc2)[0] is not h2d:
-        return []
-    weight_grad = weight_grads[0]
-    name = "gelu" if forward_activation is aten.gelu.default else "silu"
-    rewrites = (
-        Rewrite(weight_grad, mlp_weight_grad_recompute,
-                (weight_grad.args[0], x2d, weight_t, bias, name, approximate, factors)),
-        Rewrite(node, activation_backward_recompute,
-                (grad, x2d, weight_t, bias, name, approximate)),
+        return None
+    return _Match(
+        backward=node, grad=grad, a=a, x2d=x2d, weight_t=weight_t, bias=bias,
+        factors=factors, h2d=h2d, fc2_weight_t=_fc1(fc2)[1], weight_grad=weight_grads[0],
+        activation="gelu" if forward_activation is aten.gelu.default else "silu",
+        approximate=approximate,
     )
-    return [Site(node.name, (Alternative("mlp.backward_recompute_hidden", rewrites),))]
+
+
+# ---------------------------------------------------------------------------
+# The fused backward: the MLP's whole backward as one node, so that a variant
+# may hold no full-width gradient either.
+
+
+def _only_users(node: fx.Node, allowed: set) -> bool:
+    return all(u in allowed for u in node.users)
+
+
+def _backward_nodes(m: _Match):
+    """The backward nodes from fc2's output gradient to fc1's gradients, or None.
+
+    Autograd's formulas for ``addmm``/``mm`` and ``native_dropout`` give:
+    ``mm(G, t(w2t))`` → (view) → [``native_dropout_backward``] → the activation's
+    backward → (view) → ``mm(·, t(w1t))``, ``mm(t(·), x2d)``, [``sum(·, [0], True)``],
+    and fc2's weight gradient ``mm(t(G), h2d)``.
+    """
+    transposed_grad = m.weight_grad.args[0]
+    grad2d = _t_of(transposed_grad)
+    if grad2d is None:
+        return None
+    grad = m.grad
+    # fc2's weight gradient stays its own node, so the default frees ``h`` as early
+    # as the captured graph does; the variant rewrites it separately.
+    fused: list[fx.Node] = []
+    if m.factors:
+        if (len(m.factors) != 2 or not isinstance(m.factors[0], fx.Node)
+                or not isinstance(m.factors[1], (int, float))):
+            return None
+        if (grad.target is not aten.native_dropout_backward.default
+                or grad.args[1] is not m.factors[0] or grad.args[2] != m.factors[1]):
+            return None
+        fused.append(grad)
+        grad = grad.args[0]
+    product = grad
+    if product.target in _VIEWS:
+        fused.append(product)
+        product = product.args[0]
+    if (product.target is not aten.mm.default or product.args[0] is not grad2d
+            or _t_of(product.args[1]) is not m.fc2_weight_t):
+        return None
+    fused += [product, product.args[1], m.backward]
+    grad_a2d = m.backward
+    users = list(m.backward.users)
+    if len(users) == 1 and users[0].target in _VIEWS and users[0].meta["val"].dim() == 2:
+        grad_a2d = users[0]
+        fused.append(grad_a2d)
+    grad_x = grad_w = grad_b = None
+    for user in grad_a2d.users:
+        if (user.target is aten.mm.default and user.args[0] is grad_a2d
+                and _t_of(user.args[1]) is m.weight_t):
+            grad_x = user
+            fused += [user, user.args[1]]
+        elif user.target is aten.t.default and len(user.users) == 1:
+            (w,) = user.users
+            if w.target is aten.mm.default and w.args == (user, m.x2d):
+                grad_w = w
+                fused += [user, w]
+        elif (user.target is aten.sum.dim_IntList and list(user.args[1:]) == [[0], True]
+              and not user.kwargs):
+            grad_b = user
+            fused.append(user)
+    if grad_x is None or grad_w is None or (grad_b is None) != (m.bias is None):
+        return None
+    if len(grad_a2d.users) != 2 + (grad_b is not None):
+        return None
+    outputs = [grad_x, grad_w] + ([grad_b] if grad_b is not None else [])
+    inner = set(fused)
+    if len(inner) != len(fused):
+        return None
+    for n in inner - set(outputs):
+        if not _only_users(n, inner):
+            return None
+    return fused, outputs, grad2d
+
+
+def _structure(nodes: list[fx.Node], inputs: list[fx.Node]) -> str:
+    """A digest of a subgraph's ops and constants (not its shapes): part of its profile key."""
+    position = {n: f"%{k}" for k, n in enumerate(inputs)}
+    position.update({n: f"${k}" for k, n in enumerate(nodes)})
+    text = ";".join(
+        f"{n.target}{fx.node.map_arg((n.args, n.kwargs), lambda m: position[m])}" for n in nodes
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):
+    """A function running ``nodes`` (in graph order) on ``inputs``, returning ``outputs``:
+    the captured ops themselves, so the fused default is bit for bit the unfused graph."""
+    graph = fx.Graph()
+    env = {n: graph.placeholder(f"input_{k}") for k, n in enumerate(inputs)}
+    for n in nodes:
+        env[n] = graph.node_copy(n, lambda m: env[m])
+    graph.output(tuple(env[n] for n in outputs))
+    module = fx.GraphModule(torch.nn.Module(), graph)
+
+    def mlp_backward(*tensors):
+        return module(*tensors)
+
+    mlp_backward.__qualname__ = f"mlp_backward[{_structure(nodes, inputs)}]"
+    return mlp_backward
+
+
+def fuse_mlp_backwards(module: fx.GraphModule) -> int:
+    """Fuse every matched MLP backward of a joint graph into one node; returns how many.
+
+    The fused node calls the captured ops (the default); its ``meta["monet_mlp"]``
+    says what the chunked alternative reads (:func:`mlp_sites`).
+    """
+    graph = module.graph
+    fused_count = 0
+    for node in list(graph.nodes):
+        m = _match(node) if node.graph is graph else None
+        found = _backward_nodes(m) if m is not None else None
+        if found is None:
+            continue
+        members, outputs, grad2d = found
+        order = {n: k for k, n in enumerate(graph.nodes)}
+        members = sorted(members, key=order.__getitem__)
+        inner = set(members)
+        inputs = list(dict.fromkeys(
+            i for n in members for i in n.all_input_nodes if i not in inner
+        ))
+        # After every input (the latest may be a backward node) and after fc2's weight
+        # gradient, whose read of ``h`` is then over: the default's bytes are the graph's.
+        anchor = max([*inputs, m.weight_grad], key=order.__getitem__)
+        with graph.inserting_after(anchor):
+            fused = graph.call_function(_replay(members, inputs, outputs), tuple(inputs))
+        fused.meta["val"] = tuple(o.meta["val"] for o in outputs)
+        fused.meta["monet_mlp"] = {
+            "weight_grad": m.weight_grad, "grad2d": grad2d, "x2d": m.x2d, "weight_t": m.weight_t, "bias": m.bias,
+            "fc2_weight_t": m.fc2_weight_t, "activation": m.activation,
+            "approximate": m.approximate, "factors": m.factors,
+        }
+        with graph.inserting_after(fused):
+            items = []
+            for k, output in enumerate(outputs):
+                item = graph.call_function(operator.getitem, (fused, k))
+                item.meta["val"] = output.meta["val"]
+                items.append(item)
+        for output, item in zip(outputs, items, strict=True):
+            output.replace_all_uses_with(item)
+        for n in reversed(members):
+            graph.erase_node(n)
+        fused_count += 1
+    if fused_count:
+        graph.lint()
+        module.recompile()
+    return fused_count
+
+
+def mlp_weight_grad_recompute(
+    grad_t: torch.Tensor,
+    x2d: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    approximate: str,
+    factors: list,
+    chunks: int = CHUNKS,
+) -> torch.Tensor:
+    """``grad_t @ h`` (fc2's weight gradient) with ``h`` rebuilt from ``x`` chunk by chunk."""
+    width = weight_t.shape[1]
+    out = None
+    for rows in _rows(x2d.shape[0], chunks):
+        h = _hidden(_pre_activation(x2d, weight_t, bias, rows), activation, approximate,
+                    factors, width, rows)
+        if out is None:
+            out = torch.mm(grad_t[:, rows], h)
+        else:
+            out.addmm_(grad_t[:, rows], h)
+    return out
+
+
+
+def mlp_backward_chunked(
+    grad2d: torch.Tensor,
+    x2d: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    fc2_weight_t: torch.Tensor,
+    activation: str,
+    approximate: str,
+    factors: list,
+    chunks: int = CHUNKS,
+) -> tuple[torch.Tensor, ...]:
+    """The fused MLP backward a chunk of tokens at a time: fc1 is rerun per chunk,
+    and no full-width value or gradient is ever whole.
+
+    Returns what the captured ops return: the input's gradient (tokens × in),
+    fc1's weight gradient (hidden × in) and, with a bias, its gradient (1 × hidden).
+    """
+    width = weight_t.shape[1]
+    grad_x = grad2d.new_empty(x2d.shape[0], weight_t.shape[0])
+    fc1_grad = bias_grad = None
+    mask, scale = (factors[0], factors[1]) if factors else (None, None)
+    for rows in _rows(x2d.shape[0], chunks):
+        a = _pre_activation(x2d, weight_t, bias, rows)
+        g = torch.mm(grad2d[rows], fc2_weight_t.t())
+        if mask is not None:
+            g = aten.native_dropout_backward.default(g, mask.reshape(-1, width)[rows], scale)
+        if activation == "gelu":
+            g = aten.gelu_backward.default(g, a, approximate=approximate)
+        else:
+            g = aten.silu_backward.default(g, a)
+        del a
+        grad_x[rows] = torch.mm(g, weight_t.t())
+        part = torch.mm(g.t(), x2d[rows])
+        fc1_grad = part if fc1_grad is None else fc1_grad.add_(part)
+        if bias is not None:
+            part = g.sum(0, keepdim=True)
+            bias_grad = part if bias_grad is None else bias_grad.add_(part)
+    result = (grad_x, fc1_grad)
+    return result if bias is None else (*result, bias_grad)
+
+
+def mlp_sites(node: fx.Node) -> list[Site]:
+    spec = node.meta.get("monet_mlp") if node.op == "call_function" else None
+    if spec is None:
+        return []
+    weight_grad = spec["weight_grad"]
+    common = (spec["x2d"], spec["weight_t"], spec["bias"])
+    rewrites = (
+        Rewrite(weight_grad, mlp_weight_grad_recompute, (
+            weight_grad.args[0], *common, spec["activation"], spec["approximate"],
+            spec["factors"])),
+        Rewrite(node, mlp_backward_chunked, (
+            spec["grad2d"], *common, spec["fc2_weight_t"], spec["activation"],
+            spec["approximate"], spec["factors"])),
+    )
+    return [Site(node.name, (Alternative("mlp.backward_chunked", rewrites),))]

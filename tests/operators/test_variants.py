@@ -106,37 +106,38 @@ def test_native_convolution_equals_default(shape, channels, kernel, stride, padd
     assert torch._C._get_mkldnn_enabled()  # the switch is restored
 
 
-@pytest.mark.parametrize("tokens,width,hidden", [(1, 4, 16), (17, 8, 33), (40, 12, 48)])
+@pytest.mark.parametrize("tokens,width,hidden,out", [(1, 4, 16, 4), (17, 8, 33, 5), (40, 12, 48, 12)])
 @pytest.mark.parametrize("activation,approximate", [("gelu", "none"), ("gelu", "tanh"),
                                                     ("silu", "none")])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_mlp_backward_recompute_hidden(tokens, width, hidden, activation, approximate, bias,
-                                        dropout):
-    from monet.operators.mlp import activation_backward_recompute, mlp_weight_grad_recompute
+def test_mlp_backward_chunked(tokens, width, hidden, out, activation, approximate, bias,
+                              dropout):
+    """Against autograd through ``fc2(dropout(act(fc1(x))))``: fc2's weight gradient
+    (as ``Gᵀh``), the input's, fc1's weight's (as ``(W1ᵀ)ᵀ``'s) and the bias's."""
+    from monet.operators.mlp import mlp_backward_chunked, mlp_weight_grad_recompute
 
     generator = torch.Generator().manual_seed(tokens + hidden)
-    x2d = torch.randn(tokens, width, generator=generator)
-    weight_t = torch.randn(width, hidden, generator=generator) / width**0.5
-    b = torch.randn(hidden, generator=generator) if bias else None
-    a = torch.addmm(b, x2d, weight_t) if bias else torch.mm(x2d, weight_t)
-    act = aten.gelu(a, approximate=approximate) if activation == "gelu" else aten.silu(a)
+    x2d = torch.randn(tokens, width, generator=generator, requires_grad=True)
+    weight_t = (torch.randn(width, hidden, generator=generator) / width**0.5).requires_grad_()
+    b = torch.randn(hidden, generator=generator).requires_grad_() if bias else None
+    fc2_weight_t = torch.randn(hidden, out, generator=generator) / hidden**0.5
+    h = torch.addmm(b, x2d, weight_t) if bias else torch.mm(x2d, weight_t)
+    h = aten.gelu(h, approximate=approximate) if activation == "gelu" else aten.silu(h)
     factors = []
-    h = act
     if dropout:
         mask = torch.rand(tokens, hidden, generator=generator) > 0.3
         factors = [mask, 1 / 0.7]
-        h = act * mask * (1 / 0.7)
-    grad_t = torch.randn(5, tokens, generator=generator)
-    grad = torch.randn(tokens, hidden, generator=generator)
-    for chunks in (1, 3, 4, tokens + 2):
-        close([mlp_weight_grad_recompute(grad_t, x2d, weight_t, b, activation, approximate,
-                                         factors, chunks)], [torch.mm(grad_t, h)])
-        expected = (aten.gelu_backward(grad, a, approximate=approximate)
-                    if activation == "gelu" else aten.silu_backward(grad, a))
-        close([activation_backward_recompute(grad, x2d, weight_t, b, activation, approximate,
-                                             chunks)], [expected])
-        # The captured graph hands it the activation's (batch, tokens, hidden) gradient.
-        batched = grad.view(1, tokens, hidden)
-        close([activation_backward_recompute(batched, x2d, weight_t, b, activation,
-                                             approximate, chunks)], [expected.view(1, tokens, hidden)])
+        h = h * mask * (1 / 0.7)
+    h.retain_grad()
+    grad2d = torch.randn(tokens, out, generator=generator)
+    torch.mm(h, fc2_weight_t).backward(grad2d)
+    expected = [x2d.grad, weight_t.grad.t()] + ([b.grad.view(1, hidden)] if bias else [])
+    with torch.no_grad():
+        for chunks in (1, 3, 8, tokens + 2):
+            actual = mlp_backward_chunked(grad2d, x2d, weight_t, b, fc2_weight_t, activation,
+                                          approximate, factors, chunks)
+            close(actual, expected)
+            close([mlp_weight_grad_recompute(grad2d.t(), x2d, weight_t, b, activation,
+                                             approximate, factors, chunks)],
+                  [torch.mm(grad2d.t(), h.detach())])
