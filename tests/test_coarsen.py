@@ -318,3 +318,21 @@ def test_segments_checkpoint_at_the_residual_stream():
         schedule = Schedule(problem.graph_hash, None, candidate.kept, candidate.recompute,
                             0, 0.0, "heuristic")
         assert simulate(problem, build_program(problem, schedule)).peak == candidate.peak
+
+
+def test_peak_descent_recomputes_what_sits_at_the_peak():
+    import time
+
+    from monet.solver.heuristic import evaluate, lower_peak
+
+    problem = residual_chain(6)
+    structure = analyse(problem)
+    start = evaluate(problem, structure, set())
+    assert start.peak == keep_all(problem).predicted_peak
+    lowered = lower_peak(problem, start, time.perf_counter() + 5)
+    assert lowered.peak < start.peak / 2
+    schedule = Schedule(problem.graph_hash, None, lowered.kept, lowered.recompute, 0, 0.0,
+                        "heuristic")
+    assert simulate(problem, build_program(problem, schedule)).peak == lowered.peak
+    # A spent deadline returns the start unchanged.
+    assert lower_peak(problem, start, time.perf_counter() - 1) == start

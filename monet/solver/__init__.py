@@ -21,6 +21,7 @@ from monet.solver.heuristic import (
     best_within,
     fastest_variants,
     least_peak,
+    lower_peak,
     relax_and_repair,
     scan,
     variant_seconds,
@@ -48,6 +49,8 @@ __all__ = [
 BACKENDS = ("cpsat", "milp")
 RELAXATION_SHARE = 0.3
 """Share of ``solve``'s time limit for the interval relaxation (bound and repaired starts)."""
+DESCENT_SHARE = 0.25
+"""Share of ``minimum_budget``'s time limit for the greedy descent on the peak."""
 
 
 def _backend(name: str):
@@ -131,6 +134,13 @@ def minimum_budget(
     started = time.perf_counter()
     candidates = scan(problem) if candidates is None else candidates
     start = least_peak(candidates)
+    if start is not None and (stop_at is None or start.peak > stop_at):
+        # A greedy descent from the least peak reaches lower ones in a second or
+        # two; CP-SAT then starts from there.
+        applied = problem.apply(start.variants or problem.default_variants())
+        deadline = time.perf_counter() + DESCENT_SHARE * time_limit
+        start = replace(lower_peak(applied, replace(start, variants=()), deadline),
+                        variants=start.variants)
     if start is not None and stop_at is not None and start.peak <= stop_at:
         return _from_candidate(problem, start, start.peak, "heuristic", 0.0), budget_lower_bound(
             problem

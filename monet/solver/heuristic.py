@@ -292,3 +292,46 @@ def relax_and_repair(
             break
         target -= candidate.peak - budget
     return result, bound
+
+
+def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int = 8) -> Candidate:
+    """Greedy descent on the peak from ``start`` (``problem`` has no choices left).
+
+    At the simulated peak, the largest storages decide: a kept one may be
+    recomputed instead, a recomputed one kept instead (its recomputation then
+    no longer stacks up at the peak). Each round tries that for the ``tries``
+    largest of each kind, as late as possible, and keeps the move that lowers
+    the peak most, until none does or ``deadline`` (``time.perf_counter()``)
+    passes.
+    """
+    import time
+
+    structure = analyse(problem)
+    owner = storage_owner(problem)
+    sizes = problem.storage_bytes
+    best = start
+    redo = {a for a, _ in start.recompute}
+
+    def weight(a: int) -> int:
+        return -sum(sizes[s] for s in structure.outputs_of[a])
+
+    while time.perf_counter() < deadline:
+        draft = Schedule(problem.graph_hash, None, best.kept, best.recompute, 0, 0.0, "heuristic")
+        live = simulate(problem, build_program(problem, draft)).live_at_peak
+        ops = {owner[s]: copy for s, copy in live if owner[s] in structure.outputs_of}
+        recompute = sorted((a for a, c in ops.items() if c == 0 and a in structure.recomputable
+                            and a not in redo), key=weight)
+        keep = sorted((a for a, c in ops.items() if c == 1 and a in redo), key=weight)
+        moves = [redo | {a} for a in recompute[:tries]] + [redo - {a} for a in keep[:tries]]
+        found = None
+        for move in moves:
+            if time.perf_counter() >= deadline:
+                break
+            candidate = evaluate(problem, structure, _useful(structure, move))
+            if candidate is not None and candidate.peak < (found or best).peak:
+                found = candidate
+        if found is None:
+            break
+        best = found
+        redo = {a for a, _ in best.recompute}
+    return best
