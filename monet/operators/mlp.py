@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -126,11 +127,25 @@ def _to_fc2(start: fx.Node, depends):
         return None
 
 
+@dataclass(frozen=True)
 class _Match:
-    """The pieces of one MLP in the joint graph, forward and backward."""
+    """The pieces of one MLP in the joint graph (``fc2(act(fc1(x)))``)."""
 
-    def __init__(self, **pieces):
-        self.__dict__.update(pieces)
+    backward: fx.Node
+    """The activation's backward."""
+    grad: fx.Node
+    """What it reads as the gradient of ``act``'s output."""
+    a: fx.Node
+    x2d: fx.Node
+    weight_t: fx.Node
+    bias: fx.Node | None
+    factors: list
+    h2d: fx.Node
+    fc2_weight_t: fx.Node
+    weight_grad: fx.Node
+    """fc2's weight gradient, ``mm(t(G), h2d)``."""
+    activation: str
+    approximate: str
 
 
 def _t_of(node: object) -> object:
