@@ -21,6 +21,26 @@ def _loss(out) -> torch.Tensor:
     return sum(t.float().square().mean() for t in tree_leaves(out) if t.is_floating_point())
 
 
+def _assert_trains_like_eager(optimized, model, reference, inputs, rtol, atol):
+    """One step of each on the same seed: outputs as eager's, gradients within
+    ``rtol``/``atol``, buffers equal."""
+    torch.manual_seed(1)
+    out = optimized(*inputs)
+    _loss(out).backward()
+    torch.manual_seed(1)
+    expected = reference(*inputs)
+    _loss(expected).backward()
+    for a, b in zip(tree_leaves(out), tree_leaves(expected)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for (param, p), q in zip(model.named_parameters(), reference.parameters()):
+        if q.grad is None:
+            assert p.grad is None, param
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=param)
+    for b, c in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c)
+
+
 @pytest.mark.parametrize("name", monet.models.names(tiny=True))
 def test_zoo_model_through_monet(name):
     torch.manual_seed(0)
@@ -42,18 +62,31 @@ def test_zoo_model_through_monet(name):
     assert report.measured_peak <= budget
     assert optimized.last_plan.simulation.peak == report.predicted_peak
 
-    torch.manual_seed(1)
-    out = optimized(*inputs)
-    _loss(out).backward()
-    torch.manual_seed(1)
-    expected = reference(*inputs)
-    _loss(expected).backward()
-    for a, b in zip(tree_leaves(out), tree_leaves(expected)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for (param, p), q in zip(model.named_parameters(), reference.parameters()):
-        if q.grad is None:
-            assert p.grad is None, param
-        else:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=param)
-    for b, c in zip(model.buffers(), reference.buffers()):
-        torch.testing.assert_close(b, c)
+    _assert_trains_like_eager(optimized, model, reference, inputs, rtol=1e-5, atol=1e-6)
+
+
+MLP_MODELS = [n for n in monet.models.names(tiny=True) if not n.startswith("resnet")]
+
+
+@pytest.mark.parametrize("name", MLP_MODELS)
+def test_zoo_model_with_every_mlp_chunked(name, tmp_path):
+    """Every MLP of the model on ``mlp.backward_chunked``, from a schedule file: the
+    step trains as eager does, up to the rounding of products over chunks of rows."""
+    torch.manual_seed(0)
+    model = monet.models.create(name)
+    inputs = monet.models.example_inputs(name)
+    problem = monet.optimize(model, 1.0, inputs, measure=False).last_plan.problem
+    variants = tuple(
+        next((k for k, a in enumerate(c.alternatives) if a.name == "mlp.backward_chunked"), 0)
+        for c in problem.choices
+    )
+    assert any(variants)
+    schedule = keep_all(problem, variants)
+    schedule.save(tmp_path / "mlp.json")
+    reference = copy.deepcopy(model)
+    optimized = monet.optimize(model, schedule.predicted_peak, inputs, measure=False,
+                               schedule=str(tmp_path / "mlp.json"))
+    assert set(optimized.report().variants.values()) == {"mlp.backward_chunked"}
+
+    # A product over chunks of rows rounds differently: float32 tolerance for gradients.
+    _assert_trains_like_eager(optimized, model, reference, inputs, rtol=1e-4, atol=1e-5)
