@@ -140,7 +140,6 @@ class _Match:
     weight_t: fx.Node
     bias: fx.Node | None
     factors: list
-    h2d: fx.Node
     fc2_weight_t: fx.Node
     weight_grad: fx.Node
     """fc2's weight gradient, ``mm(t(G), h2d)``."""
@@ -188,12 +187,12 @@ def _match(node: fx.Node) -> _Match | None:
     weight_grads = [u for u in h2d.users if u.target is aten.mm.default and u.args[1] is h2d]
     if len(weight_grads) != 1 or len(h2d.users) != 2:
         return None
-    fc2 = next(u for u in h2d.users if u is not weight_grads[0])
-    if _fc1(fc2) is None or _fc1(fc2)[0] is not h2d:
+    fc2 = _fc1(next(u for u in h2d.users if u is not weight_grads[0]))
+    if fc2 is None or fc2[0] is not h2d:
         return None
     return _Match(
         backward=node, grad=grad, a=a, x2d=x2d, weight_t=weight_t, bias=bias,
-        factors=factors, h2d=h2d, fc2_weight_t=_fc1(fc2)[1], weight_grad=weight_grads[0],
+        factors=factors, fc2_weight_t=fc2[1], weight_grad=weight_grads[0],
         activation="gelu" if forward_activation is aten.gelu.default else "silu",
         approximate=approximate,
     )
@@ -329,8 +328,9 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
             fused = graph.call_function(_replay(members, inputs, outputs), tuple(inputs))
         fused.meta["val"] = tuple(o.meta["val"] for o in outputs)
         fused.meta["monet_mlp"] = {
-            "weight_grad": m.weight_grad, "grad2d": grad2d, "x2d": m.x2d, "weight_t": m.weight_t, "bias": m.bias,
-            "fc2_weight_t": m.fc2_weight_t, "activation": m.activation,
+            "weight_grad": m.weight_grad, "grad2d": grad2d, "x2d": m.x2d,
+            "weight_t": m.weight_t, "bias": m.bias, "fc2_weight_t": m.fc2_weight_t,
+            "activation": m.activation,
             "approximate": m.approximate, "factors": m.factors,
         }
         with graph.inserting_after(fused):
@@ -371,7 +371,6 @@ def mlp_weight_grad_recompute(
         else:
             out.addmm_(grad_t[:, rows], h)
     return out
-
 
 
 def mlp_backward_chunked(

@@ -136,13 +136,13 @@ def scan(problem: Problem, evaluations: int = 48) -> list[Candidate]:
     for variants in vectors:
         applied = problem.apply(variants)
         extra = variant_seconds(problem, variants)
-        for c in _scan(applied, evaluations) + segments(applied):
+        structure = analyse(applied)
+        for c in _scan(applied, structure, evaluations) + segments(applied, structure):
             result.append(Candidate(c.kept, c.recompute, c.peak, c.overhead + extra, variants))
     return result
 
 
-def _scan(problem: Problem, evaluations: int) -> list[Candidate]:
-    structure = analyse(problem)
+def _scan(problem: Problem, structure: Structure, evaluations: int) -> list[Candidate]:
     order = ranking(problem, structure)
     if not order:
         return []
@@ -190,7 +190,9 @@ NARROW = 0.9
 """Share of the bytes crossing a forward position that one value must hold to be a boundary."""
 
 
-def segments(problem: Problem, strides: int = 12) -> list[Candidate]:
+def segments(
+    problem: Problem, structure: Structure | None = None, strides: int = 12
+) -> list[Candidate]:
     """Keep every k-th narrow value, recompute every other op the backward needs
     as late as possible (k = 1 .. ``strides``), with exact peaks.
 
@@ -198,7 +200,7 @@ def segments(problem: Problem, strides: int = 12) -> list[Candidate]:
     it, so it misses the small peaks of per-block checkpointing; these
     schedules reach them, and the exact solver starts from them.
     """
-    structure = analyse(problem)
+    structure = analyse(problem) if structure is None else structure
     boundaries = narrow_points(problem, structure)
     if not boundaries:
         return []
