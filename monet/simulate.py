@@ -21,6 +21,18 @@ from monet.solver.program import RELEASE, Program, Step, Value
 
 
 @dataclass(frozen=True)
+class Crowded:
+    """One executed step above a byte threshold."""
+
+    phase: str
+    index: int
+    """Position of the step in its phase's program."""
+    live: tuple[tuple[int, int], ...]
+    """(storage, copy) instances live while it runs."""
+    workspace: int
+
+
+@dataclass(frozen=True)
 class Simulation:
     peak: int
     """Peak bytes of the whole step (inputs and parameters included)."""
@@ -31,6 +43,8 @@ class Simulation:
     """(phase, node name, live bytes while it ran) for every executed step."""
     live_at_peak: tuple[tuple[int, int], ...] = ()
     """(storage, copy) instances live at the peak: copy 1 is a recomputed one."""
+    crowded: tuple[Crowded, ...] = ()
+    """The steps whose live bytes exceed ``simulate``'s ``over``, with what is live there."""
 
 
 class _Memory:
@@ -58,19 +72,23 @@ class _Memory:
                 self.live -= self.sizes[instance[0]]
 
 
-def simulate(problem: Problem, program: Program) -> Simulation:
-    """Peak live bytes of ``program`` executed on ``problem``'s storages."""
+def simulate(problem: Problem, program: Program, over: int | None = None) -> Simulation:
+    """Peak live bytes of ``program`` executed on ``problem``'s storages; with ``over``,
+    also every step above that many bytes and what is live there."""
     problem = problem.apply(program.variants)
     nodes, sizes = problem.nodes, problem.storage_bytes
     memory = _Memory(sizes)
     timeline: list[tuple[str, str, int]] = []
     best = (-1, "", "")
     live_at_peak: tuple[tuple[int, int], ...] = ()
+    crowded: list[Crowded] = []
 
-    def record(phase: str, name: str, workspace: int) -> None:
+    def record(phase: str, name: str, workspace: int, index: int) -> None:
         nonlocal best, live_at_peak
         level = memory.live + workspace
         timeline.append((phase, name, level))
+        if over is not None and level > over:
+            crowded.append(Crowded(phase, index, tuple(memory.refs), workspace))
         if level > best[0]:
             best = (level, phase, name)
             live_at_peak = tuple(memory.refs)
@@ -99,12 +117,12 @@ def simulate(problem: Problem, program: Program) -> Simulation:
                     name = "release" if step.node == RELEASE else nodes[step.node].name
                     raise AssertionError(f"{phase} step {name} reads {v}, which is not live")
             if step.node == RELEASE:
-                record(phase, "release", 0)
+                record(phase, "release", 0, index)
             else:
                 copy = 1 if step.recompute else 0
                 value = (step.node, copy)
                 memory.add_value(value, instances_of(step, copy))
-                record(phase, nodes[step.node].name, nodes[step.node].workspace)
+                record(phase, nodes[step.node].name, nodes[step.node].workspace, index)
                 if value not in pinned and last_read.get(value, -1) <= index:
                     memory.drop_value(value)
             for v in set(step.reads):
@@ -125,7 +143,7 @@ def simulate(problem: Problem, program: Program) -> Simulation:
         memory.add_value((i, 0), tuple((s, 0) for s in nodes[i].allocates))
     backward_pinned = set(inputs) | set(tangents) | outputs
     run("backward", program.backward, backward_pinned)
-    return Simulation(best[0], best[1], best[2], tuple(timeline), live_at_peak)
+    return Simulation(best[0], best[1], best[2], tuple(timeline), live_at_peak, tuple(crowded))
 
 
 def program_of_graphs(problem: Problem, names: dict[str, int], forward_graph, backward_graph,

@@ -239,3 +239,46 @@ def test_relaxation_is_tighter_than_the_knapsack_on_a_larger_graph():
     assert time_lower_bound(problem, budget) <= lp + 1e-12
     assert lp <= schedule.predicted_overhead + 1e-12
     assert schedule.bound >= lp - 1e-12  # solve() reports the stronger bound
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3, 9, 10, 11])
+def test_relaxation_counts_what_a_variant_keeps_and_stays_a_bound(seed):
+    """A storage kept for a recomputation and read by one alternative's backward
+    lives until that read: the full relaxation counts it (keep ∧ pick columns),
+    bounds at least as high as the model without, and never above brute force."""
+    from monet.solver.relaxation import Relaxation
+
+    problem = with_random_choices(random_problem(6, seed=seed, workspace_probability=0.3),
+                                  seed=seed)
+    full, weak = Relaxation(problem), Relaxation(problem, kept_for_variants=False)
+    assert full.columns > weak.columns  # these seeds have such storages
+    high = keep_all(problem).predicted_peak
+    low = minimum_budget(problem, time_limit=2)[0].budget
+    for budget in sorted({high, (high + low) // 2, low}):
+        expected = brute_force_with_variants(problem, budget)
+        if expected is None:
+            continue
+        strong = full.solve(budget).bound
+        assert weak.solve(budget).bound <= strong + 1e-12
+        assert strong <= expected + 1e-12
+
+
+def test_fit_and_trim_repairs_an_overshooting_start_on_the_simulator():
+    import time as clock
+
+    from monet.solver.heuristic import evaluate, fit_and_trim
+
+    problem = random_problem(120, seed=5)
+    structure = analyse(problem)
+    high = keep_all(problem).predicted_peak
+    budget = (high + minimum_budget(problem, time_limit=3)[0].budget) // 2
+    start = evaluate(problem, structure, set())  # keep everything: over the budget
+    assert start.peak > budget
+    fitted = fit_and_trim(problem, start, budget, clock.perf_counter() + 10)
+    assert fitted is not None and fitted.peak <= budget
+    draft = Schedule(problem.graph_hash, budget, fitted.kept, fitted.recompute, 0, 0.0,
+                     "heuristic")
+    assert simulate(problem, build_program(problem, draft)).peak == fitted.peak
+    # Trimming a schedule that fits only ever removes recomputations.
+    trimmed = fit_and_trim(problem, fitted, budget, clock.perf_counter() + 10)
+    assert trimmed.peak <= budget and trimmed.overhead <= fitted.overhead

@@ -48,7 +48,8 @@ __all__ = [
 
 BACKENDS = ("cpsat", "milp")
 RELAXATION_SHARE = 0.3
-"""Share of ``solve``'s time limit for the interval relaxation (bound and repaired starts)."""
+"""Share of ``solve``'s time limit for the interval relaxation (bound and repaired starts)
+and the repair on the simulator."""
 DESCENT_SHARE = 0.25
 """Share of ``minimum_budget``'s time limit for the greedy descent on the peak."""
 

@@ -260,25 +260,56 @@ def relax_and_repair(
     The relaxation (:mod:`monet.solver.relaxation`) picks recomputations and
     variants under a model that leaves the recomputations' own bytes out, so
     its answer can exceed ``budget``; each round lowers the relaxation's
-    budget by the overshoot and solves again, until a schedule fits or
-    ``time_limit`` seconds are spent. Also returns the relaxation's lower bound
-    on the added time within ``budget`` (``inf``: nothing fits; ``-inf``: none
-    found in time).
+    budget by the overshoot and solves again, until a schedule fits. With the
+    time left, :func:`fit_and_trim` trims the answer that fits and repairs the
+    first on the simulator. All within ``time_limit`` seconds. Also
+    returns the relaxation's lower bound on the added time within ``budget``
+    (``inf``: nothing fits; ``-inf``: none found in time).
     """
     import time
 
     from monet.solver.relaxation import Relaxation
 
     started = time.perf_counter()
-    relaxation_model = Relaxation(problem)
-    result: list[Candidate] = []
-    target = budget
+    deadline = started + time_limit
+    answers: list[tuple[Candidate, tuple[int, ...]]] = []
     bound = -math.inf
+    # The weaker model is solved fastest and its lowered budgets reach a fitting
+    # answer in a few rounds; the full one bounds better and overshoots less.
+    for kept_for_variants, share in ((False, 0.5), (True, 0.9)):
+        model = Relaxation(problem, kept_for_variants)
+        found, model_bound = _lower_until_fits(problem, model, budget,
+                                               started + share * time_limit, rounds)
+        bound = max(bound, model_bound)
+        answers += found
+    # The cheapest answer that fits was likely asked for less than the budget and
+    # recomputes more than it needs; the full model's first overshoots least.
+    fitting = [a for a in answers if a[0].peak <= budget]
+    repairs = sorted(fitting, key=lambda a: a[0].overhead + variant_seconds(problem, a[1]))[:1]
+    if found and found[0][0].peak > budget:
+        repairs.append(found[0])
+    result = list(answers)
+    for candidate, variants in repairs:
+        fitted = fit_and_trim(problem.apply(variants), candidate, budget, deadline)
+        if fitted is not None:
+            result.append((fitted, variants))
+    return [replace(c, variants=v, overhead=c.overhead + variant_seconds(problem, v))
+            for c, v in result], bound
+
+
+def _lower_until_fits(problem: Problem, model, budget: int, deadline: float,
+                      rounds: int) -> tuple[list[tuple[Candidate, tuple[int, ...]]], float]:
+    """0/1 answers of ``model``, its budget lowered by each overshoot until one fits,
+    with the model's bound at ``budget``."""
+    import time
+
+    answers = []
+    target, bound = budget, -math.inf
     for done in range(rounds):
-        left = time_limit - (time.perf_counter() - started)
+        left = deadline - time.perf_counter()
         if left < 0.2:
             break
-        relaxation = relaxation_model.solve(target, True, left / (rounds - done))
+        relaxation = model.solve(target, True, left / (rounds - done))
         if target == budget:
             bound = relaxation.bound
         if relaxation.redo is None:
@@ -288,12 +319,11 @@ def relax_and_repair(
         candidate = evaluate(applied, analyse(applied), set(relaxation.redo))
         if candidate is None:
             break
-        result.append(replace(candidate, variants=variants,
-                              overhead=candidate.overhead + variant_seconds(problem, variants)))
+        answers.append((candidate, variants))
         if candidate.peak <= budget:
             break
         target -= candidate.peak - budget
-    return result, bound
+    return answers, bound
 
 
 def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int = 8) -> Candidate:
@@ -337,3 +367,112 @@ def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int =
         best = found
         redo = {a for a, _ in best.recompute}
     return best
+
+
+def fit_and_trim(problem: Problem, start: Candidate, budget: int, deadline: float,
+                 tries: int = 6) -> Candidate | None:
+    """From ``start`` (``problem`` has no choices left), a schedule within ``budget``
+    that recomputes little: None when none is found before ``deadline``.
+
+    Fit: while the simulated peak exceeds the budget, of the storages live at
+    the steps above it, recompute the kept one that lowers the overshoot most
+    per second it adds, or keep a recomputed one whose early recomputation
+    stacks up there. Trim: then keep, most expensive first, every recomputed op
+    the budget does without. Every step is checked by the simulator.
+    """
+    import time
+
+    structure = analyse(problem)
+    owner = storage_owner(problem)
+    sizes = problem.storage_bytes
+    best = start
+    redo = {a for a, _ in start.recompute}
+
+    def pressure_of(candidate: Candidate) -> dict[tuple[int, int], int]:
+        """(op, copy) → the most bytes of its outputs live at a step above the budget,
+        leaving out what that step reads (no schedule frees those there)."""
+        draft = Schedule(problem.graph_hash, None, candidate.kept, candidate.recompute, 0, 0.0,
+                         "heuristic")
+        program = build_program(problem, draft)
+        result: dict[tuple[int, int], int] = {}
+        for step in simulate(problem, program, over=budget).crowded:
+            ran = (program.forward if step.phase == "forward" else program.backward)[step.index]
+            read = {s for node, _ in ran.reads for s in problem.nodes[node].storages}
+            for s, copy in step.live:
+                a = owner[s]
+                if s not in read and a in structure.outputs_of and (
+                        copy == 1 or a in structure.recomputable):
+                    result[a, copy] = max(result.get((a, copy), 0), sizes[s])
+        return result
+
+    while best.peak > budget:
+        if time.perf_counter() >= deadline:
+            return None
+        pressure = pressure_of(best)
+        kept = set(best.kept)
+        chains = {a: _chain(structure, owner, sizes, kept, redo, a, pressure)
+                  for a, copy in pressure if copy == 0 and a not in redo}
+        gain = {k: (chains[k[0]][1] if k[1] == 0 and k[0] in chains else pressure[k])
+                for k in pressure}
+        ranked = sorted((k for k in pressure if gain[k] > 0),
+                        key=lambda k: -gain[k] / max(structure.cost[k[0]], 1e-9))
+        recompute = [chains[a][0] for a, copy in ranked if copy == 0 and a in chains][:tries]
+        single = [{a} for a, copy in ranked if copy == 0 and a in chains and pressure[a, 0] > 0
+                  and {a} not in recompute]
+        recompute += single[:tries // 2]
+        keep = [a for a, copy in ranked if copy == 1 and a in redo][:tries]
+        found, found_score = None, 0.0
+        for move in [redo | ops for ops in recompute] + [redo - {a} for a in keep]:
+            if time.perf_counter() >= deadline:
+                break
+            candidate = evaluate(problem, structure, _useful(structure, move))
+            if candidate is None or candidate.peak >= best.peak:
+                continue
+            lowered = best.peak - candidate.peak
+            score = lowered / max(candidate.overhead - best.overhead, 1e-9)
+            if candidate.overhead <= best.overhead or score > found_score:
+                found, found_score = candidate, math.inf if candidate.overhead <= best.overhead \
+                    else score
+        if found is None:
+            return None
+        best = found
+        redo = {a for a, _ in best.recompute}
+    for a in sorted(redo, key=lambda a: -structure.cost[a]):
+        if time.perf_counter() >= deadline:
+            break
+        if a not in redo:
+            continue
+        candidate = evaluate(problem, structure, _useful(structure, redo - {a}))
+        if candidate is not None and candidate.peak <= budget and candidate.overhead < best.overhead:
+            best = candidate
+            redo = {b for b, _ in best.recompute}
+    return best
+
+
+def _chain(structure: Structure, owner, sizes, kept: set[int], redo: set[int], a: int,
+           pressure: dict[tuple[int, int], int], depth: int = 4) -> tuple[set[int], int]:
+    """Ops to recompute so that ``a``'s outputs leave the crowded steps, and the bytes
+    that frees there: ``a`` and, up to ``depth`` producers back, those whose values
+    its recomputation would otherwise have to keep (a chain back to a kept value)."""
+    ops = {a}
+    freed = pressure.get((a, 0), 0)
+    best = (set(ops), freed - _new_keeps(structure, owner, sizes, kept, redo, ops))
+    for _ in range(depth):
+        grown = {owner[s] for b in ops for s in structure.recompute_reads[b]
+                 if s not in kept and owner[s] not in redo and owner[s] not in ops
+                 and owner[s] in structure.recomputable}
+        if not grown:
+            break
+        ops |= grown
+        freed += sum(pressure.get((b, 0), 0) for b in grown)
+        net = freed - _new_keeps(structure, owner, sizes, kept, redo, ops)
+        if net > best[1]:
+            best = (set(ops), net)
+    return best
+
+
+def _new_keeps(structure: Structure, owner, sizes, kept: set[int], redo: set[int],
+               ops: set[int]) -> int:
+    """Bytes of the values recomputing ``ops`` reads that nothing keeps or recomputes yet."""
+    return sum(sizes[s] for s in {s for b in ops for s in structure.recompute_reads[b]}
+               if s not in kept and owner[s] not in redo and owner[s] not in ops)

@@ -16,9 +16,9 @@ that reads ``s`` needs it too (``keep + redo ≥ pick``). Memory, at every point
 where keeping everything would not fit: the fixed bytes, the storages live
 whatever the schedule (from their first backward reader to their last:
 recomputed no later than the first, alive to the last), the kept storages
-between their forward death and first reader, the storages a picked
-alternative makes live, and the picked alternatives' workspaces, must fit the
-budget. Every real schedule meets all of this; what it leaves out
+between their forward death and first reader (or, kept for an alternative's
+read, until it: ``keep ∧ pick`` columns), the storages a picked alternative
+makes live, and the picked alternatives' workspaces, must fit the budget. Every real schedule meets all of this; what it leaves out
 (recomputations' own lifetimes and workspace, a kept value's life for a
 recomputation past the forward) only adds bytes, so the least
 ``Σ redo·time + Σ pick·Δtime + Σ both·Δtime`` bounds the added time from
@@ -72,7 +72,9 @@ class Relaxation:
     """The relaxation's columns, logic rows and memory terms for one problem, built
     once; :meth:`solve` adds the memory rows of a budget and solves."""
 
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, kept_for_variants: bool = True):
+        """``kept_for_variants`` False leaves out how long a kept storage lives for a
+        variant's read (weaker, and solved faster)."""
         st = analyse(problem)
         sizes = problem.storage_bytes
         owner = storage_owner(problem)
@@ -130,6 +132,8 @@ class Relaxation:
             constant[stop + 1] -= amount
 
         spans: dict[int, tuple[int, int] | None] = {}
+        kept_to: dict[int, int] = {}
+        """Decision storage → last point its ``keep`` term counts it."""
         for s in st.decision_storages:
             start = st.forward_death[s] + 1
             if s in st.first_read:
@@ -137,13 +141,43 @@ class Relaxation:
                 last = n_forward + 2 * st.last_read[s] + 1
                 always(first, last, sizes[s])
                 spans[s] = (first, last)
-                if start < first:
-                    terms.append((keep[s], sizes[s], start, first - 1))
+                until = first - 1
             else:
                 spans[s] = None
-                if s in st.readers and start <= n_forward:
-                    # Kept for a recomputation: live at least into the backward's start.
-                    terms.append((keep[s], sizes[s], start, n_forward))
+                # Kept for a recomputation: live at least into the backward's
+                # start. Kept for nothing but variants' reads: at least until the
+                # earliest of them. Read by every alternative of a choice (a
+                # convolution's input, whichever kernel runs): at least until the
+                # earliest of those, whatever else reads it.
+                until = n_forward if s in st.readers else -1
+                reads = by_storage.get(s, ())
+                if reads and s not in st.readers:
+                    until = n_forward + 2 * min(j for *_, j in reads) - 1
+                for c in {c for c, _, _ in reads}:
+                    firsts = {}
+                    for cc, k, j in reads:
+                        if cc == c:
+                            firsts[k] = min(firsts.get(k, j), j)
+                    if len(firsts) == st.alternatives[c]:
+                        until = max(until, n_forward + 2 * min(firsts.values()) - 1)
+            if start <= until:
+                terms.append((keep[s], sizes[s], start, until))
+                kept_to[s] = until
+            if kept_for_variants and spans[s] is None and len(
+                    {c for c, _, _ in by_storage.get(s, ())}) == 1:
+                # Kept and read by the picked alternative (an MLP's hidden value for
+                # its captured backward): live until that read. One column per
+                # alternative, z ≥ keep + pick - 1.
+                firsts: dict[int, int] = {}
+                for c, k, j in by_storage[s]:
+                    firsts[k] = min(firsts.get(k, j), j)
+                for k, j in sorted(firsts.items()):
+                    lo, hi = max(start, until + 1), n_forward + 2 * j - 1
+                    if lo <= hi:
+                        z = self._column(0.0)
+                        self.logic.append(([(z, 1.0), (keep[s], -1.0), (pick[c, k], -1.0)],
+                                           -1.0, math.inf))
+                        terms.append((z, sizes[s], lo, hi))
         # What a picked alternative makes live whatever else the schedule does:
         # from the earlier of its first read and the captured first read, to the
         # later of the last reads. Only for storages one choice alone reads, so
@@ -153,11 +187,7 @@ class Relaxation:
             if len(choices_of[s]) != 1:
                 continue
             excluded = spans[s]
-            kept_until = None
-            if excluded is not None:
-                kept_until = excluded[0] - 1
-            elif s in st.readers:
-                kept_until = n_forward
+            kept_until = kept_to.get(s)
             for c, k in {(c, k) for c, k, _ in reads}:
                 positions = [j for cc, kk, j in reads if (cc, kk) == (c, k)]
                 first = n_forward + 2 * min(positions)
