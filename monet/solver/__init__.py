@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 BACKENDS = ("cpsat", "milp")
-RELAXATION_SHARE = 0.3
+RELAXATION_SHARE = 0.35
 """Share of ``solve``'s time limit for the interval relaxation (bound and repaired starts)
 and the repair on the simulator."""
 DESCENT_SHARE = 0.25

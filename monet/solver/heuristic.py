@@ -252,6 +252,10 @@ def least_peak(candidates: list[Candidate]) -> Candidate | None:
     return min(candidates, key=lambda c: (c.peak, c.overhead)) if candidates else None
 
 
+TRIM_SHARE = 0.25
+"""Share of :func:`relax_and_repair`'s time limit for trimming its answer on the simulator."""
+
+
 def relax_and_repair(
     problem: Problem, budget: int, time_limit: float = 4.0, rounds: int = 4
 ) -> tuple[list[Candidate], float]:
@@ -260,9 +264,10 @@ def relax_and_repair(
     The relaxation (:mod:`monet.solver.relaxation`) picks recomputations and
     variants under a model that leaves the recomputations' own bytes out, so
     its answer can exceed ``budget``; each round lowers the relaxation's
-    budget by the overshoot and solves again, until a schedule fits. With the
-    time left, :func:`fit_and_trim` trims the answer that fits and repairs the
-    first on the simulator. All within ``time_limit`` seconds. Also
+    budget by the overshoot and solves again, until a schedule fits. The full
+    relaxation, solved once, gives the bound; :func:`fit_and_trim` then trims
+    the cheapest answer that fits (for up to ``TRIM_SHARE`` of ``time_limit``
+    more). Also
     returns the relaxation's lower bound on the added time within ``budget``
     (``inf``: nothing fits; ``-inf``: none found in time).
     """
@@ -271,28 +276,26 @@ def relax_and_repair(
     from monet.solver.relaxation import Relaxation
 
     started = time.perf_counter()
-    deadline = started + time_limit
     answers: list[tuple[Candidate, tuple[int, ...]]] = []
     bound = -math.inf
     # The weaker model is solved fastest and its lowered budgets reach a fitting
-    # answer in a few rounds; the full one bounds better and overshoots less.
-    for kept_for_variants, share in ((False, 0.5), (True, 0.9)):
+    # answer in a few rounds; the full one, solved once, bounds much better.
+    for kept_for_variants, share, tries in ((False, 0.75, rounds), (True, 1.0, 1)):
         model = Relaxation(problem, kept_for_variants)
         found, model_bound = _lower_until_fits(problem, model, budget,
-                                               started + share * time_limit, rounds)
+                                               started + share * time_limit, tries)
         bound = max(bound, model_bound)
         answers += found
-    # The cheapest answer that fits was likely asked for less than the budget and
-    # recomputes more than it needs; the full model's first overshoots least.
+    # The cheapest answer that fits was likely asked for less than the budget
+    # and recomputes more than it needs: trim it, in what time is left.
     fitting = [a for a in answers if a[0].peak <= budget]
-    repairs = sorted(fitting, key=lambda a: a[0].overhead + variant_seconds(problem, a[1]))[:1]
-    if found and found[0][0].peak > budget:
-        repairs.append(found[0])
     result = list(answers)
-    for candidate, variants in repairs:
-        fitted = fit_and_trim(problem.apply(variants), candidate, budget, deadline)
-        if fitted is not None:
-            result.append((fitted, variants))
+    for candidate, variants in sorted(
+            fitting, key=lambda a: a[0].overhead + variant_seconds(problem, a[1]))[:1]:
+        trimmed = fit_and_trim(problem.apply(variants), candidate, budget,
+                               time.perf_counter() + TRIM_SHARE * time_limit)
+        if trimmed is not None:
+            result.append((trimmed, variants))
     return [replace(c, variants=v, overhead=c.overhead + variant_seconds(problem, v))
             for c, v in result], bound
 
