@@ -29,7 +29,6 @@ class Crowded:
     """Position of the step in its phase's program."""
     live: tuple[tuple[int, int], ...]
     """(storage, copy) instances live while it runs."""
-    workspace: int
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def simulate(problem: Problem, program: Program, over: int | None = None) -> Sim
         level = memory.live + workspace
         timeline.append((phase, name, level))
         if over is not None and level > over:
-            crowded.append(Crowded(phase, index, tuple(memory.refs), workspace))
+            crowded.append(Crowded(phase, index, tuple(memory.refs)))
         if level > best[0]:
             best = (level, phase, name)
             live_at_peak = tuple(memory.refs)

@@ -267,8 +267,7 @@ def relax_and_repair(
     budget by the overshoot and solves again, until a schedule fits. The full
     relaxation, solved once, gives the bound; :func:`fit_and_trim` then trims
     the cheapest answer that fits (for up to ``TRIM_SHARE`` of ``time_limit``
-    more). Also
-    returns the relaxation's lower bound on the added time within ``budget``
+    more). Also returns the relaxation's lower bound on the added time within ``budget``
     (``inf``: nothing fits; ``-inf``: none found in time).
     """
     import time
@@ -431,11 +430,10 @@ def fit_and_trim(problem: Problem, start: Candidate, budget: int, deadline: floa
             candidate = evaluate(problem, structure, _useful(structure, move))
             if candidate is None or candidate.peak >= best.peak:
                 continue
-            lowered = best.peak - candidate.peak
-            score = lowered / max(candidate.overhead - best.overhead, 1e-9)
-            if candidate.overhead <= best.overhead or score > found_score:
-                found, found_score = candidate, math.inf if candidate.overhead <= best.overhead \
-                    else score
+            added = candidate.overhead - best.overhead
+            score = math.inf if added <= 0 else (best.peak - candidate.peak) / max(added, 1e-9)
+            if score == math.inf or score > found_score:
+                found, found_score = candidate, score
         if found is None:
             return None
         best = found

@@ -18,7 +18,8 @@ whatever the schedule (from their first backward reader to their last:
 recomputed no later than the first, alive to the last), the kept storages
 between their forward death and first reader (or, kept for an alternative's
 read, until it: ``keep ∧ pick`` columns), the storages a picked alternative
-makes live, and the picked alternatives' workspaces, must fit the budget. Every real schedule meets all of this; what it leaves out
+makes live, and the picked alternatives' workspaces, must fit the budget.
+Every real schedule meets all of this; what it leaves out
 (recomputations' own lifetimes and workspace, a kept value's life for a
 recomputation past the forward) only adds bytes, so the least
 ``Σ redo·time + Σ pick·Δtime + Σ both·Δtime`` bounds the added time from
@@ -131,6 +132,12 @@ class Relaxation:
             constant[start] += amount
             constant[stop + 1] -= amount
 
+        # Storage → (choice, alternative) → the first backward position it reads it.
+        first_reads: dict[int, dict[tuple[int, int], int]] = {}
+        for s, reads in by_storage.items():
+            firsts = first_reads.setdefault(s, {})
+            for c, k, j in reads:
+                firsts[c, k] = min(firsts.get((c, k), j), j)
         spans: dict[int, tuple[int, int] | None] = {}
         kept_to: dict[int, int] = {}
         """Decision storage → last point its ``keep`` term counts it."""
@@ -150,28 +157,22 @@ class Relaxation:
                 # convolution's input, whichever kernel runs): at least until the
                 # earliest of those, whatever else reads it.
                 until = n_forward if s in st.readers else -1
-                reads = by_storage.get(s, ())
-                if reads and s not in st.readers:
-                    until = n_forward + 2 * min(j for *_, j in reads) - 1
-                for c in {c for c, _, _ in reads}:
-                    firsts = {}
-                    for cc, k, j in reads:
-                        if cc == c:
-                            firsts[k] = min(firsts.get(k, j), j)
-                    if len(firsts) == st.alternatives[c]:
-                        until = max(until, n_forward + 2 * min(firsts.values()) - 1)
+                firsts = first_reads.get(s, {})
+                if firsts and s not in st.readers:
+                    until = n_forward + 2 * min(firsts.values()) - 1
+                for c in {c for c, _ in firsts}:
+                    of_c = [j for (cc, _), j in firsts.items() if cc == c]
+                    if len(of_c) == st.alternatives[c]:
+                        until = max(until, n_forward + 2 * min(of_c) - 1)
             if start <= until:
                 terms.append((keep[s], sizes[s], start, until))
                 kept_to[s] = until
-            if kept_for_variants and spans[s] is None and len(
-                    {c for c, _, _ in by_storage.get(s, ())}) == 1:
+            firsts = first_reads.get(s, {})
+            if kept_for_variants and spans[s] is None and len({c for c, _ in firsts}) == 1:
                 # Kept and read by the picked alternative (an MLP's hidden value for
                 # its captured backward): live until that read. One column per
                 # alternative, z ≥ keep + pick - 1.
-                firsts: dict[int, int] = {}
-                for c, k, j in by_storage[s]:
-                    firsts[k] = min(firsts.get(k, j), j)
-                for k, j in sorted(firsts.items()):
+                for (c, k), j in sorted(firsts.items()):
                     lo, hi = max(start, until + 1), n_forward + 2 * j - 1
                     if lo <= hi:
                         z = self._column(0.0)
