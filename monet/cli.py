@@ -336,8 +336,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
     print(f"status          {schedule.status} ({schedule.backend})")
     peak = schedule.predicted_peak
     print(f"predicted peak  {format_bytes(peak)} ({peak} bytes)")
-    print(f"added time      {1000 * schedule.predicted_overhead:.3f} ms (predicted recomputation)")
-    print(f"bound           {bound}, gap {gap}")
+    print(f"added time      {1000 * schedule.predicted_overhead:.3f} ms (predicted: "
+          "recomputation and variants)")
+    print(f"bound           {bound}, gap {gap} (of the time above the fastest variants kept "
+          f"whole: {1000 * schedule.floor:.3f} ms)")
     print(f"solve time      {schedule.solve_seconds:.2f} s")
     print(
         f"schedule        {len(schedule.kept)} storages kept, "

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from monet.solver.problem import Problem
-from monet.solver.program import RELEASE, Program, Step, Value
+from monet.solver.program import RELEASE, Program, Step, Value, tables
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,20 @@ def simulate(problem: Problem, program: Program, over: int | None = None) -> Sim
             best = (level, phase, name)
             live_at_peak = tuple(memory.refs)
 
+    layout = tables(problem).layout
+
     def instances_of(step: Step, copy: int) -> tuple[tuple[int, int], ...]:
-        node = nodes[step.node]
         result = []
-        for s in node.storages:
-            if s in node.allocates:
+        for s, allocated in layout[step.node]:
+            if allocated:
                 result.append((s, copy))
                 continue
-            found = [i for v in step.reads for i in memory.values.get(v, ()) if i[0] == s]
-            if not found:
-                raise AssertionError(f"{node.name} aliases storage {s} that none of its inputs holds")
-            result.append(found[0])
+            found = next((i for v in step.reads for i in memory.values.get(v, ()) if i[0] == s),
+                         None)
+            if found is None:
+                name = nodes[step.node].name
+                raise AssertionError(f"{name} aliases storage {s} that none of its inputs holds")
+            result.append(found)
         return tuple(result)
 
     def run(phase: str, steps: tuple[Step, ...], pinned: set[Value]) -> None:

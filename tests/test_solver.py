@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -24,7 +25,7 @@ from monet.solver import (
 from monet.solver.bound import budget_lower_bound, time_lower_bound
 from monet.solver.heuristic import variant_seconds
 from monet.solver.ilp import analyse
-from monet.solver.problem import structure_hash
+from monet.solver.problem import Alternative, Choice, Override, structure_hash
 from monet.solver.random_graphs import random_problem, with_random_choices
 
 
@@ -123,6 +124,51 @@ def test_large_problem_returns_within_time_limit():
     assert time.perf_counter() - started < 6 + 3  # the limit, plus model building
     assert schedule.predicted_peak <= budget
     assert schedule.status in ("optimal", "feasible", "heuristic")
+
+
+def test_the_whole_search_keeps_to_its_time_limit():
+    """Coarsening, the scans, the relaxation, the repair and CP-SAT share one limit."""
+    problem = with_random_choices(random_problem(1000, seed=3), seed=3, count=20)
+    assert len(problem.nodes) > 1500
+    high = keep_all(problem).predicted_peak
+    limit = 2.0
+    started = time.perf_counter()
+    least, _ = minimum_budget(problem, time_limit=limit)
+    assert time.perf_counter() - started < limit + 2
+    started = time.perf_counter()
+    schedule = solve(problem, (least.budget + high) // 2, time_limit=limit)
+    assert time.perf_counter() - started < limit + 2
+    assert schedule.predicted_peak <= (least.budget + high) // 2
+    assert schedule.solve_seconds == pytest.approx(time.perf_counter() - started, abs=0.5)
+
+
+def test_the_gap_is_measured_from_the_fastest_variants(tmp_path):
+    """A variant faster than the captured op makes added times negative; the gap is
+    then taken over the time above the fastest schedule there is, and stays in [0, 1]."""
+    problem = hand_built()
+    faster = Alternative("grad_b.faster", (Override(5, (4, 2), 0.25, 0),))
+    problem = replace(problem, choices=(Choice("grad_b", (Alternative("default"), faster)),))
+    assert keep_all(problem, (1,)).predicted_overhead == pytest.approx(-0.75)
+    schedule = solve(problem, 37, time_limit=2)
+    assert schedule.variants == (1,)
+    assert schedule.floor == pytest.approx(-0.75)
+    assert schedule.predicted_overhead == pytest.approx(0.25)  # a recomputed (1 s) - 0.75
+    assert schedule.floor <= schedule.bound <= schedule.predicted_overhead
+    assert 0.0 <= schedule.gap <= 1.0
+    schedule.save(tmp_path / "s.json")
+    assert Schedule.load(tmp_path / "s.json", problem) == schedule
+
+
+def test_a_scan_cut_short_still_spans_the_ranking():
+    from monet.solver.heuristic import coarse_to_fine
+
+    order = coarse_to_fine(list(range(48)))
+    assert sorted(order) == list(range(48))
+    assert order[:3] == [0, 47, 23]
+    # Every prefix of 2^k + 1 items leaves no gap wider than 48 / 2^k.
+    for k in range(1, 5):
+        picked = sorted(order[: 2**k + 1])
+        assert max(b - a for a, b in itertools.pairwise(picked)) <= 48 / 2**k
 
 
 def hand_built() -> Problem:

@@ -20,6 +20,7 @@ from monet.solver.heuristic import (
     Candidate,
     best_within,
     fastest_variants,
+    fit_and_trim,
     least_peak,
     lower_peak,
     relax_and_repair,
@@ -47,11 +48,18 @@ __all__ = [
 ]
 
 BACKENDS = ("cpsat", "milp")
-RELAXATION_SHARE = 0.35
+RELAXATION_SHARE = 0.45
 """Share of ``solve``'s time limit for the interval relaxation (bound and repaired starts)
 and the repair on the simulator."""
 DESCENT_SHARE = 0.25
 """Share of ``minimum_budget``'s time limit for the greedy descent on the peak."""
+SCAN_SHARE = 0.2
+"""Share of the time limit for the heuristic scans (their evaluations stop when it is spent)."""
+FIT_SHARE = 0.2
+"""Share of ``solve``'s time limit for repairing the least-peak start when nothing fits."""
+MIN_EXACT_SECONDS = 0.5
+"""Below this much time left, the exact back end is not started (building its model alone
+takes longer on the zoo's graphs); the best heuristic schedule is returned with its bound."""
 
 
 def _backend(name: str):
@@ -123,32 +131,39 @@ def minimum_budget(
     ``coarsen_first`` (and no ``candidates``, which belong to ``problem``), the
     search runs on the exact coarsening, as ``solve`` does: on the zoo's
     graphs a smaller model lets CP-SAT go much further in the same time.
+    The whole search, coarsening included, takes about ``time_limit``.
     """
+    started = time.perf_counter()
+    deadline = started + time_limit
     if coarsen_first and candidates is None:
         coarse = coarsen(problem)
         if len(coarse.problem.nodes) < len(problem.nodes):
-            found, _ = minimum_budget(coarse.problem, time_limit, stop_at, None, backend,
-                                      coarsen_first=False)
+            found, _ = minimum_budget(coarse.problem, _left(deadline, reserve=started),
+                                      stop_at, None, backend, coarsen_first=False)
             expanded = coarse.expand(found)
             # The floor is proven on this problem, not on the coarse one.
             return replace(expanded, budget=expanded.predicted_peak), budget_lower_bound(problem)
-    started = time.perf_counter()
-    candidates = scan(problem) if candidates is None else candidates
+    if candidates is None:
+        candidates = scan(problem, deadline=started + SCAN_SHARE * time_limit)
     start = least_peak(candidates)
     if start is not None and (stop_at is None or start.peak > stop_at):
         # A greedy descent from the least peak reaches lower ones in a second or
         # two; CP-SAT then starts from there.
         applied = problem.apply(start.variants or problem.default_variants())
-        deadline = time.perf_counter() + DESCENT_SHARE * time_limit
-        start = replace(lower_peak(applied, replace(start, variants=()), deadline),
+        descent = min(deadline, time.perf_counter() + DESCENT_SHARE * time_limit)
+        start = replace(lower_peak(applied, replace(start, variants=()), descent),
                         variants=start.variants)
     if start is not None and stop_at is not None and start.peak <= stop_at:
         return _from_candidate(problem, start, start.peak, "heuristic", 0.0), budget_lower_bound(
             problem
         )
     hint = None if start is None else start.hint
-    remaining = max(0.5, time_limit - (time.perf_counter() - started))
-    solution = _backend(backend)(problem, None, remaining, hint=hint, stop_at=stop_at)
+    remaining = _left(deadline)
+    if start is not None and remaining < MIN_EXACT_SECONDS:
+        return (_from_candidate(problem, start, start.peak, "heuristic",
+                                time.perf_counter() - started), budget_lower_bound(problem))
+    solution = _backend(backend)(problem, None, max(remaining, MIN_EXACT_SECONDS), hint=hint,
+                                 stop_at=stop_at)
     found = solution.status in ("optimal", "feasible")
     lower = max(int(solution.bound or 0) if found else 0, budget_lower_bound(problem))
     seconds = time.perf_counter() - started
@@ -165,6 +180,16 @@ def minimum_budget(
     return schedule, lower
 
 
+def _left(deadline: float, reserve: float | None = None) -> float:
+    """Seconds until ``deadline``; with ``reserve`` (when the work began), less as long
+    again as has passed since, kept for mapping a coarse answer back."""
+    now = time.perf_counter()
+    left = deadline - now
+    if reserve is not None:
+        left -= now - reserve
+    return max(left, 0.0)
+
+
 def solve(
     problem: Problem,
     budget: int | None = None,
@@ -179,13 +204,18 @@ def solve(
     never-recomputed chains) shrink the problem first, and the answer is expanded
     back and re-simulated on this problem.
 
-    The ranked-recomputation heuristic gives a feasible start in well under a
-    second; the exact back end (``"cpsat"``, OR-tools CP-SAT, or ``"milp"``,
-    HiGHS through cvxpy, for graphs up to a few hundred nodes) improves on it
-    within ``time_limit`` and bounds the gap.
+    The heuristics give feasible starts in a fraction of ``time_limit``
+    (``SCAN_SHARE``: the ranked-recomputation and checkpoint-style scans;
+    ``RELAXATION_SHARE``: the interval relaxation's repaired answers and its
+    bound); the exact back end (``"cpsat"``, OR-tools CP-SAT, or ``"milp"``,
+    HiGHS through cvxpy, for graphs up to a few hundred nodes) improves on the
+    best of them in the time left and bounds the gap. The whole solve, coarsening
+    included, takes about ``time_limit``.
     Raises :class:`InfeasibleBudgetError`, naming the smallest budget found
     feasible, when none fits.
     """
+    started = time.perf_counter()
+    deadline = started + time_limit
     exact = _backend(backend)
     budget = problem.budget if budget is None else budget
     if budget is None:
@@ -193,20 +223,21 @@ def solve(
     if coarsen_first:
         coarse = coarsen(problem)
         if len(coarse.problem.nodes) < len(problem.nodes):
-            return coarse.expand(
-                solve(coarse.problem, budget, time_limit, backend, progress, coarsen_first=False)
-            )
-    started = time.perf_counter()
+            inner = solve(coarse.problem, budget, _left(deadline, reserve=started), backend,
+                          progress, coarsen_first=False)
+            return replace(coarse.expand(inner), solve_seconds=time.perf_counter() - started)
     baseline = keep_all(problem, fastest_variants(problem))
+    floor = baseline.predicted_overhead
     if baseline.predicted_peak <= budget:
         # Keeping everything with the fastest variants adds the least time there
         # is: it is optimal whenever it fits.
         return replace(
-            baseline, budget=budget, status="optimal", bound=baseline.predicted_overhead,
+            baseline, budget=budget, status="optimal", bound=floor, floor=floor,
             solve_seconds=time.perf_counter() - started,
         )
-    candidates = scan(problem)
-    repaired, relaxation_bound = relax_and_repair(problem, budget, RELAXATION_SHARE * time_limit)
+    candidates = scan(problem, deadline=started + SCAN_SHARE * time_limit)
+    repaired, relaxation_bound = relax_and_repair(
+        problem, budget, min(RELAXATION_SHARE * time_limit, _left(deadline)))
     start = best_within(candidates + repaired, budget)
     if start is not None and math.isfinite(relaxation_bound) and (
         start.overhead <= relaxation_bound + 1e-12
@@ -214,50 +245,52 @@ def solve(
         # The relaxation's answer fits and costs its proven lower bound: optimal.
         return replace(
             _from_candidate(problem, start, budget, "optimal", time.perf_counter() - started),
-            bound=start.overhead,
+            bound=start.overhead, floor=floor,
         )
+    if start is None:
+        # Nothing quick fits: repair the least-peak start on the simulator.
+        start = _fit(problem, least_peak(candidates + repaired), budget,
+                     min(deadline, time.perf_counter() + FIT_SHARE * time_limit))
     if start is not None:
         fallback = _from_candidate(problem, start, budget, "heuristic", 0.0)
     else:
-        # Nothing quick fits: search for any schedule that does, for up to half
-        # the time; it also says whether the budget can be met at all.
+        # Search for any schedule that fits with the time left; it also says
+        # whether the budget can be met at all.
         fallback, lower = minimum_budget(
-            problem, max(0.5, 0.5 * time_limit), stop_at=budget, candidates=candidates,
-            backend=backend,
+            problem, max(_left(deadline), MIN_EXACT_SECONDS), stop_at=budget,
+            candidates=candidates, backend=backend,
         )
-        if fallback.budget > budget and fallback.status != "optimal" and lower <= budget:
-            # Not proven impossible: keep looking with the rest of the time.
-            remaining = max(0.5, time_limit - (time.perf_counter() - started))
-            fallback, lower = minimum_budget(problem, remaining, stop_at=budget,
-                                             candidates=candidates, backend=backend)
-            if fallback.budget > budget and lower <= budget and fallback.status != "optimal":
-                raise InfeasibleBudgetError(
-                    budget, fallback.budget, lower, searched=time.perf_counter() - started
-                )
         if fallback.budget > budget:
-            raise InfeasibleBudgetError(budget, fallback.budget, lower)
-    remaining = max(0.5, time_limit - (time.perf_counter() - started))
+            searched = None if fallback.status == "optimal" or lower > budget else (
+                time.perf_counter() - started)
+            raise InfeasibleBudgetError(budget, fallback.budget, lower, searched=searched)
+    # The solver's own bound is weak on large graphs (CP-SAT's relaxation of a
+    # cumulative constraint); the interval relaxation's and the knapsack's are
+    # valid too and usually far stronger, and no schedule beats the fastest
+    # variants kept whole. Rounding to integer nanoseconds can lift a bound a
+    # hair above the true optimum; it never exceeds the best schedule found.
+    bound = max(time_lower_bound(problem, budget), relaxation_bound, floor)
+    remaining = _left(deadline)
+    if remaining < MIN_EXACT_SECONDS:
+        return replace(fallback, budget=budget, status="heuristic", floor=floor,
+                       bound=min(bound, fallback.predicted_overhead),
+                       solve_seconds=time.perf_counter() - started)
     solution = exact(
         problem, budget, remaining, hint=(fallback.kept, fallback.recompute, fallback.variants),
         log_callback=progress,
     )
     seconds = time.perf_counter() - started
-    # The solver's own bound is weak on large graphs (CP-SAT's relaxation of a
-    # cumulative constraint); the interval relaxation's and the knapsack's are
-    # valid too and usually far stronger.
-    found = solution.bound if solution.bound is not None else -math.inf
-    bound = max(found, time_lower_bound(problem, budget), relaxation_bound)
-    # Rounding to integer nanoseconds can lift the solver's bound a hair above
-    # the true optimum; it never exceeds the best schedule found.
+    if solution.bound is not None:
+        bound = max(bound, solution.bound)
     bound = min(bound, fallback.predicted_overhead)
     if solution.status not in ("optimal", "feasible"):
-        return replace(fallback, budget=budget, status="heuristic", bound=bound,
+        return replace(fallback, budget=budget, status="heuristic", bound=bound, floor=floor,
                        solve_seconds=seconds)
     schedule = _finish(
         problem, solution.kept, solution.recompute, budget, solution.status, backend,
         bound, seconds, solution.variants,
     )
-    schedule = replace(schedule, bound=min(bound, schedule.predicted_overhead))
+    schedule = replace(schedule, bound=min(bound, schedule.predicted_overhead), floor=floor)
     if schedule.predicted_peak > budget:
         raise AssertionError(
             f"the solver's model admitted a schedule whose simulated peak "
@@ -265,6 +298,21 @@ def solve(
         )
     if fallback.predicted_overhead < schedule.predicted_overhead:
         # CP-SAT stopped before matching its start point (hints are not binding).
-        return replace(fallback, budget=budget, status="feasible", bound=bound,
+        return replace(fallback, budget=budget, status="feasible", bound=bound, floor=floor,
                        solve_seconds=seconds)
     return schedule
+
+
+def _fit(problem: Problem, start: Candidate | None, budget: int,
+         deadline: float) -> Candidate | None:
+    """``start`` repaired on the simulator until it fits ``budget`` (None: not in time)."""
+    if start is None:
+        return None
+    variants = start.variants or problem.default_variants()
+    extra = variant_seconds(problem, variants)
+    fitted = fit_and_trim(problem.apply(variants),
+                          replace(start, variants=(), overhead=start.overhead - extra), budget,
+                          deadline)
+    if fitted is None:
+        return None
+    return replace(fitted, variants=variants, overhead=fitted.overhead + extra)

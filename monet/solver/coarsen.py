@@ -107,10 +107,11 @@ class Coarsening:
             bound = None if schedule.budget is None else time_lower_bound(original,
                                                                           schedule.budget)
         if bound is not None:
-            bound = min(bound, overhead)
+            bound = min(max(bound, schedule.floor), overhead)
         meta = {**schedule.meta, "coarsened": self.summary()}
         return replace(draft, predicted_peak=peak, predicted_overhead=overhead, status=status,
-                       bound=bound, solve_seconds=schedule.solve_seconds, meta=meta)
+                       bound=bound, solve_seconds=schedule.solve_seconds, meta=meta,
+                       floor=schedule.floor)
 
     def summary(self) -> str:
         """Node counts before and after, per phase, and what each fold removed."""

@@ -12,6 +12,7 @@ has a true peak, and the cheapest that fits the budget wins.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 
 from monet.simulate import simulate
@@ -122,37 +123,70 @@ def ranking(problem: Problem, structure: Structure) -> list[int]:
     return [a for _, a in sorted(scored)]
 
 
-def scan(problem: Problem, evaluations: int = 48) -> list[Candidate]:
+def scan(problem: Problem, evaluations: int = 48, deadline: float | None = None
+         ) -> list[Candidate]:
     """Schedules recomputing growing prefixes of the ranking, and checkpointing
     at the forward's narrow points (:func:`segments`), with their exact peaks.
 
     With operator variants, the scan runs for the fastest and for the leanest
-    alternatives (and the captured ones).
+    alternatives (and the captured ones). With ``deadline`` (``time.perf_counter()``),
+    each variant vector gets an equal share of the time left and stops evaluating
+    when it is spent; the prefixes are evaluated coarse to fine, so a scan cut
+    short still spans the ranking.
     """
-    vectors = dict.fromkeys(
+    vectors = list(dict.fromkeys(
         [fastest_variants(problem), leanest_variants(problem), problem.default_variants()]
-    )
+    ))
     result = []
-    for variants in vectors:
+    for done, variants in enumerate(vectors):
+        share = None
+        if deadline is not None:
+            now = time.perf_counter()
+            share = now + max(0.0, deadline - now) / (len(vectors) - done)
         applied = problem.apply(variants)
         extra = variant_seconds(problem, variants)
         structure = analyse(applied)
-        for c in _scan(applied, structure, evaluations) + segments(applied, structure):
-            result.append(Candidate(c.kept, c.recompute, c.peak, c.overhead + extra, variants))
+        found = _scan(applied, structure, evaluations, share)
+        found += segments(applied, structure, deadline=share)
+        result += [Candidate(c.kept, c.recompute, c.peak, c.overhead + extra, variants)
+                   for c in found]
     return result
 
 
-def _scan(problem: Problem, structure: Structure, evaluations: int) -> list[Candidate]:
+def _scan(problem: Problem, structure: Structure, evaluations: int,
+          deadline: float | None = None) -> list[Candidate]:
     order = ranking(problem, structure)
     if not order:
         return []
     lengths = sorted({round(i * len(order) / (evaluations - 1)) for i in range(evaluations)})
     result = []
-    for length in lengths:
+    for length in coarse_to_fine(lengths):
+        if deadline is not None and time.perf_counter() >= deadline and result:
+            break
         candidate = evaluate(problem, structure, set(order[:length]))
         if candidate is not None:
             result.append(candidate)
     return result
+
+
+def coarse_to_fine(items: list) -> list:
+    """``items`` reordered so that every prefix spreads over the whole list: both ends,
+    the middle, then the quarters, and so on."""
+    if len(items) <= 2:
+        return list(items)
+    order, seen = [0, len(items) - 1], {0, len(items) - 1}
+    parts = [(0, len(items) - 1)]
+    while parts:
+        split = []
+        for low, high in parts:
+            if high - low > 1:
+                middle = (low + high) // 2
+                if middle not in seen:
+                    seen.add(middle)
+                    order.append(middle)
+                split += [(low, middle), (middle, high)]
+        parts = split
+    return [items[k] for k in order]
 
 
 def narrow_points(problem: Problem, structure: Structure) -> list[int]:
@@ -191,7 +225,8 @@ NARROW = 0.9
 
 
 def segments(
-    problem: Problem, structure: Structure | None = None, strides: int = 12
+    problem: Problem, structure: Structure | None = None, strides: int = 12,
+    deadline: float | None = None,
 ) -> list[Candidate]:
     """Keep every k-th narrow value, recompute every other op the backward needs
     as late as possible (k = 1 .. ``strides``), with exact peaks.
@@ -207,6 +242,8 @@ def segments(
     owner = storage_owner(problem)
     result = []
     for stride in range(1, min(strides, len(boundaries)) + 1):
+        if deadline is not None and time.perf_counter() >= deadline and result:
+            break
         keep = {owner[s] for s in boundaries[stride - 1::stride]}
         redo = _useful(structure, structure.recomputable - keep)
         candidate = evaluate(problem, structure, redo)
@@ -252,8 +289,8 @@ def least_peak(candidates: list[Candidate]) -> Candidate | None:
     return min(candidates, key=lambda c: (c.peak, c.overhead)) if candidates else None
 
 
-TRIM_SHARE = 0.25
-"""Share of :func:`relax_and_repair`'s time limit for trimming its answer on the simulator."""
+TRIM_SHARE = 0.2
+"""Share of :func:`relax_and_repair`'s time limit kept for trimming its answer on the simulator."""
 
 
 def relax_and_repair(
@@ -266,21 +303,24 @@ def relax_and_repair(
     its answer can exceed ``budget``; each round lowers the relaxation's
     budget by the overshoot and solves again, until a schedule fits. The full
     relaxation, solved once, gives the bound; :func:`fit_and_trim` then trims
-    the cheapest answer that fits (for up to ``TRIM_SHARE`` of ``time_limit``
-    more). Also returns the relaxation's lower bound on the added time within ``budget``
+    the cheapest answer that fits (in the last ``TRIM_SHARE`` of ``time_limit``).
+    Also returns the relaxation's lower bound on the added time within ``budget``
     (``inf``: nothing fits; ``-inf``: none found in time).
     """
-    import time
-
     from monet.solver.relaxation import Relaxation
 
     started = time.perf_counter()
     answers: list[tuple[Candidate, tuple[int, ...]]] = []
-    bound = -math.inf
     # The weaker model is solved fastest and its lowered budgets reach a fitting
     # answer in a few rounds; the full one, solved once, bounds much better.
-    for kept_for_variants, share, tries in ((False, 0.75, rounds), (True, 1.0, 1)):
-        model = Relaxation(problem, kept_for_variants)
+    models = [Relaxation(problem, False), Relaxation(problem, True)]
+    # Its LP comes first: a valid bound in a fraction of a second on the zoo's
+    # graphs, where a 0/1 solve cut short by the time limit may prove none.
+    bound = models[0].solve(budget, False, time_limit).bound
+    if bound == math.inf:
+        return [], bound
+    shares = (1 - TRIM_SHARE) * 0.75, 1 - TRIM_SHARE
+    for model, share, tries in ((models[0], shares[0], rounds), (models[1], shares[1], 1)):
         found, model_bound = _lower_until_fits(problem, model, budget,
                                                started + share * time_limit, tries)
         bound = max(bound, model_bound)
@@ -292,7 +332,7 @@ def relax_and_repair(
     for candidate, variants in sorted(
             fitting, key=lambda a: a[0].overhead + variant_seconds(problem, a[1]))[:1]:
         trimmed = fit_and_trim(problem.apply(variants), candidate, budget,
-                               time.perf_counter() + TRIM_SHARE * time_limit)
+                               max(started + time_limit, time.perf_counter() + 0.1))
         if trimmed is not None:
             result.append((trimmed, variants))
     return [replace(c, variants=v, overhead=c.overhead + variant_seconds(problem, v))
@@ -303,8 +343,6 @@ def _lower_until_fits(problem: Problem, model, budget: int, deadline: float,
                       rounds: int) -> tuple[list[tuple[Candidate, tuple[int, ...]]], float]:
     """0/1 answers of ``model``, its budget lowered by each overshoot until one fits,
     with the model's bound at ``budget``."""
-    import time
-
     answers = []
     target, bound = budget, -math.inf
     for done in range(rounds):
@@ -338,8 +376,6 @@ def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int =
     the peak most, until none does or ``deadline`` (``time.perf_counter()``)
     passes.
     """
-    import time
-
     structure = analyse(problem)
     owner = storage_owner(problem)
     sizes = problem.storage_bytes
@@ -382,8 +418,6 @@ def fit_and_trim(problem: Problem, start: Candidate, budget: int, deadline: floa
     stacks up there. Trim: then keep, most expensive first, every recomputed op
     the budget does without. Every step is checked by the simulator.
     """
-    import time
-
     structure = analyse(problem)
     owner = storage_owner(problem)
     sizes = problem.storage_bytes

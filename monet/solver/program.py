@@ -11,6 +11,7 @@ that slot (so they die together, as the solver's model says), then node ``j``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from monet.solver.problem import Problem
 from monet.solver.schedule import Schedule
@@ -21,8 +22,9 @@ Value = tuple[int, int]
 """(node index, copy): copy 0 is the forward value, 1 the recomputed one."""
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
+    # A tuple rather than a dataclass: programs of the zoo's graphs hold
+    # thousands of steps and the heuristics build hundreds of programs.
     node: int
     """Problem node index, or ``RELEASE``."""
     recompute: bool
@@ -71,26 +73,57 @@ def node_owner(problem: Problem, pinned: set[int], owner: dict[int, int]) -> dic
     return result
 
 
+@dataclass(frozen=True)
+class Tables:
+    """What every program of one problem shares, derived once (see :func:`tables`)."""
+
+    forward: tuple[int, ...]
+    backward: tuple[int, ...]
+    owner_of: dict[int, int]
+    unpinned: tuple[tuple[int, ...], ...]
+    """Per node, the storages it references that are not pinned."""
+    forward_inputs: tuple[tuple[int, ...], ...]
+    """Per node, the forward nodes among its inputs."""
+    layout: tuple[tuple[tuple[int, bool], ...], ...]
+    """Per node, its storages in order, each with whether the node allocates it."""
+
+
+def tables(problem: Problem) -> Tables:
+    """The problem's :class:`Tables`, cached on it (a problem never changes)."""
+    cached = problem.__dict__.get("_program_tables")
+    if cached is None:
+        nodes = problem.nodes
+        pinned = pinned_storages(problem)
+        is_forward = [n.phase == "forward" for n in nodes]
+        cached = Tables(
+            tuple(i for i, n in enumerate(nodes) if n.phase == "forward"),
+            tuple(i for i, n in enumerate(nodes) if n.phase == "backward"),
+            node_owner(problem, pinned, storage_owner(problem)),
+            tuple(tuple(s for s in n.storages if s not in pinned) for n in nodes),
+            tuple(tuple(k for k in n.inputs if is_forward[k]) for n in nodes),
+            tuple(tuple((s, s in n.allocates) for s in n.storages) for n in nodes),
+        )
+        problem.__dict__["_program_tables"] = cached
+    return cached
+
+
 def build_program(problem: Problem, schedule: Schedule) -> Program:
     """The executed step sequence of ``schedule`` on ``problem``."""
     problem = problem.apply(schedule.variants)
     nodes = problem.nodes
-    pinned = pinned_storages(problem)
-    owner_of = node_owner(problem, pinned, storage_owner(problem))
+    derived = tables(problem)
+    owner_of, unpinned, forward_inputs = derived.owner_of, derived.unpinned, derived.forward_inputs
     kept = set(schedule.kept)
     slot_of_op = dict(schedule.recompute)
-    forward = [i for i, n in enumerate(nodes) if n.phase == "forward"]
-    backward = [i for i, n in enumerate(nodes) if n.phase == "backward"]
-
-    def is_saved(i: int) -> bool:
-        return all(s in pinned or s in kept for s in nodes[i].storages)
 
     # Recomputed nodes and the slot each runs in; saved nodes the backward reads.
     recompute_slot: dict[int, int] = {}
     saved: set[int] = set()
 
     def require(i: int, slot: int, reader: str) -> None:
-        if is_saved(i):
+        if i in saved:
+            return
+        if all(s in kept for s in unpinned[i]):
             saved.add(i)
             return
         op = owner_of.get(i)
@@ -107,21 +140,17 @@ def build_program(problem: Problem, schedule: Schedule) -> Program:
         if i in recompute_slot:
             return
         recompute_slot[i] = op_slot
-        for j in nodes[i].inputs:
-            if nodes[j].phase == "forward":
-                require(j, op_slot, f"the recomputation of {nodes[i].name}")
+        for j in forward_inputs[i]:
+            require(j, op_slot, f"the recomputation of {nodes[i].name}")
 
+    backward = derived.backward
     for j, i in enumerate(backward):
-        for k in nodes[i].inputs:
-            if nodes[k].phase == "forward":
-                require(k, j, nodes[i].name)
-
-    def value(i: int, in_backward: bool) -> Value:
-        return (i, 1 if in_backward and i in recompute_slot else 0)
+        for k in forward_inputs[i]:
+            require(k, j, nodes[i].name)
 
     # The forward runs what its outputs and the saved values need, in order.
     executed: set[int] = set()
-    stack = [i for i in forward if nodes[i].is_output] + sorted(saved)
+    stack = [i for i in derived.forward if nodes[i].is_output] + sorted(saved)
     while stack:
         i = stack.pop()
         if i in executed or nodes[i].phase != "forward":
@@ -129,21 +158,21 @@ def build_program(problem: Problem, schedule: Schedule) -> Program:
         executed.add(i)
         stack.extend(nodes[i].inputs)
     forward_steps = tuple(
-        Step(i, False, tuple(value(k, False) for k in nodes[i].inputs))
-        for i in forward
+        Step(i, False, tuple((k, 0) for k in nodes[i].inputs))
+        for i in derived.forward
         if i in executed
     )
+
+    def backward_reads(i: int) -> tuple[Value, ...]:
+        return tuple((k, 1) if k in recompute_slot else (k, 0) for k in nodes[i].inputs)
+
     by_slot: dict[int, list[int]] = {}
     for i in sorted(recompute_slot):
         by_slot.setdefault(recompute_slot[i], []).append(i)
     groups: list[tuple[list[Step], Step]] = []
     for j, i in enumerate(backward):
-        recomputes = [
-            Step(r, True, tuple(value(k, True) for k in nodes[r].inputs))
-            for r in by_slot.get(j, ())
-        ]
-        main = Step(i, False, tuple(value(k, True) for k in nodes[i].inputs))
-        groups.append((recomputes, main))
+        recomputes = [Step(r, True, backward_reads(r)) for r in by_slot.get(j, ())]
+        groups.append((recomputes, Step(i, False, backward_reads(i))))
     # The group of each value's last reader, to place the releases.
     last_group: dict[Value, int] = {}
     last_in_recompute: dict[Value, bool] = {}

@@ -80,15 +80,22 @@ class Schedule:
     meta: dict[str, Any] = field(default_factory=dict)
     variants: tuple[int, ...] = ()
     """The alternative chosen for each of the problem's choices (empty: it has none)."""
+    floor: float = 0.0
+    """Added seconds of the fastest schedule there is, budget aside: every operator on its
+    fastest variant, nothing recomputed. Negative when variants are faster than the
+    captured ops; the added time and its bound are never below it."""
 
     @property
     def gap(self) -> float | None:
-        """Relative gap between the schedule's added time and the bound."""
+        """Relative gap between the schedule's added time and the bound, both measured
+        from the floor (so variants that save time do not make it meaningless)."""
         if self.bound is None:
             return None
-        if self.predicted_overhead <= 0:
+        span = self.predicted_overhead - self.floor
+        if span <= 0:
             return 0.0
-        return max(0.0, (self.predicted_overhead - self.bound) / self.predicted_overhead)
+        bound = max(self.bound, self.floor)
+        return min(1.0, max(0.0, (self.predicted_overhead - bound) / span))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +113,7 @@ class Schedule:
             "solve_seconds": self.solve_seconds,
             "meta": self.meta,
             "variants": list(self.variants),
+            "floor": self.floor,
         }
 
     @classmethod
@@ -133,6 +141,7 @@ class Schedule:
         _expect(budget is None or _is_int(budget), "budget", "null or an integer")
         bound = finite_number(data, "bound", optional=True)
         solve_seconds = finite_number(data, "solve_seconds")
+        floor = finite_number(data, "floor", optional=True)
         variants = data.get("variants", [])
         _expect(isinstance(variants, list) and all(_is_int(v) for v in variants), "variants",
                 "a list of integers")
@@ -149,6 +158,7 @@ class Schedule:
             solve_seconds=solve_seconds,
             meta=data.get("meta", {}) if isinstance(data.get("meta"), dict) else {},
             variants=tuple(variants),
+            floor=0.0 if floor is None else floor,
         )
         if problem is not None:
             schedule.check_against(problem)
