@@ -55,8 +55,9 @@ DESCENT_SHARE = 0.25
 """Share of ``minimum_budget``'s time limit for the greedy descent on the peak."""
 SCAN_SHARE = 0.2
 """Share of the time limit for the heuristic scans (their evaluations stop when it is spent)."""
-FIT_SHARE = 0.2
-"""Share of ``solve``'s time limit for repairing the least-peak start when nothing fits."""
+FIT_SHARE = 0.3
+"""Share of ``solve``'s time limit for bringing the least-peak start within the budget
+when nothing fits."""
 MIN_EXACT_SECONDS = 0.5
 """Below this much time left, the exact back end is not started (building its model alone
 takes longer on the zoo's graphs); the best heuristic schedule is returned with its bound."""
@@ -248,7 +249,7 @@ def solve(
             bound=start.overhead, floor=floor,
         )
     if start is None:
-        # Nothing quick fits: repair the least-peak start on the simulator.
+        # Nothing quick fits: lower the least-peak start's peak on the simulator.
         start = _fit(problem, least_peak(candidates + repaired), budget,
                      min(deadline, time.perf_counter() + FIT_SHARE * time_limit))
     if start is not None:
@@ -305,14 +306,18 @@ def solve(
 
 def _fit(problem: Problem, start: Candidate | None, budget: int,
          deadline: float) -> Candidate | None:
-    """``start`` repaired on the simulator until it fits ``budget`` (None: not in time)."""
+    """``start`` brought within ``budget`` on the simulator (None: not in time): the
+    greedy descent on the peak for half the time, then the repair, which also trims
+    what the budget does without."""
     if start is None:
         return None
     variants = start.variants or problem.default_variants()
     extra = variant_seconds(problem, variants)
-    fitted = fit_and_trim(problem.apply(variants),
-                          replace(start, variants=(), overhead=start.overhead - extra), budget,
-                          deadline)
+    applied = problem.apply(variants)
+    halfway = time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter())
+    lowered = lower_peak(applied, replace(start, variants=(), overhead=start.overhead - extra),
+                         halfway, stop_at=budget)
+    fitted = fit_and_trim(applied, lowered, budget, max(deadline, time.perf_counter() + 0.1))
     if fitted is None:
         return None
     return replace(fitted, variants=variants, overhead=fitted.overhead + extra)

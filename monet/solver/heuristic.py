@@ -366,15 +366,16 @@ def _lower_until_fits(problem: Problem, model, budget: int, deadline: float,
     return answers, bound
 
 
-def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int = 8) -> Candidate:
+def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int = 8,
+               stop_at: int | None = None) -> Candidate:
     """Greedy descent on the peak from ``start`` (``problem`` has no choices left).
 
     At the simulated peak, the largest storages decide: a kept one may be
     recomputed instead, a recomputed one kept instead (its recomputation then
     no longer stacks up at the peak). Each round tries that for the ``tries``
     largest of each kind, as late as possible, and keeps the move that lowers
-    the peak most, until none does or ``deadline`` (``time.perf_counter()``)
-    passes.
+    the peak most, until none does, ``deadline`` (``time.perf_counter()``)
+    passes, or the peak is at most ``stop_at``.
     """
     structure = analyse(problem)
     owner = storage_owner(problem)
@@ -385,7 +386,7 @@ def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int =
     def weight(a: int) -> int:
         return -sum(sizes[s] for s in structure.outputs_of[a])
 
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline and (stop_at is None or best.peak > stop_at):
         draft = Schedule(problem.graph_hash, None, best.kept, best.recompute, 0, 0.0, "heuristic")
         live = simulate(problem, build_program(problem, draft)).live_at_peak
         ops = {owner[s]: copy for s, copy in live if owner[s] in structure.outputs_of}
