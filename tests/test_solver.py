@@ -91,6 +91,59 @@ def test_joint_variant_optimum_equals_brute_force(seed, backend):
 
 
 @pytest.mark.parametrize("backend", ["cpsat", "milp"])
+@pytest.mark.parametrize("seed", [4, 5, 7, 10, 14])
+def test_a_dropped_storage_counts_only_where_it_is_filled(seed, backend):
+    """An alternative that never fills a forward storage (a forward-chunked MLP's hidden
+    values): both back ends, the bound and the relaxation agree with brute force."""
+    from monet.solver.relaxation import Relaxation
+
+    problem = with_random_choices(random_problem(6, seed=seed, workspace_probability=0.3),
+                                  seed=seed)
+    dropping = [(c, k) for c, choice in enumerate(problem.choices)
+                for k, a in enumerate(choice.alternatives) if a.drops]
+    assert dropping
+    c, k = dropping[0]
+    applied = problem.apply(tuple(k if i == c else 0 for i in range(len(problem.choices))))
+    for s in problem.choices[c].alternatives[k].drops:
+        assert applied.storage_bytes[s] == 0
+        assert not applied.nodes[problem.storage_owner()[s]].recomputable
+    high = keep_all(problem).predicted_peak
+    low = minimum_budget(problem, time_limit=5, backend=backend)[0].budget
+    relaxation = Relaxation(problem)
+    for budget in sorted({high, (high + low) // 2, low}):
+        expected = brute_force_with_variants(problem, budget)
+        schedule = solve(problem, budget, time_limit=5, backend=backend)
+        assert schedule.predicted_overhead == pytest.approx(expected, abs=1e-9)
+        assert time_lower_bound(problem, budget) <= expected + 1e-12
+        assert relaxation.solve(budget).bound <= expected + 1e-12
+        schedule.check_against(problem)
+    assert brute_force_with_variants(problem, low - 1) is None
+
+
+def test_a_drop_read_by_another_op_is_refused():
+    problem = with_random_choices(random_problem(6, seed=4, workspace_probability=0.3), seed=4)
+    c, choice = next((c, ch) for c, ch in enumerate(problem.choices)
+                     if ch.alternatives[1].drops)
+    alternative = choice.alternatives[1]
+    (s,) = alternative.drops
+    owner = problem.storage_owner()[s]
+    reader = next(i for i, n in enumerate(problem.nodes) if n.phase == "backward"
+                  and all(o.node != i for o in alternative.overrides))
+    n = problem.nodes[reader]
+    bad = replace(alternative, overrides=(
+        *alternative.overrides, Override(reader, (*n.inputs, owner), n.time, 0)))
+    choices = list(problem.choices)
+    choices[c] = replace(choice, alternatives=(choice.alternatives[0], bad))
+    with pytest.raises(ValueError, match=f"reads dropped storage {s}"):
+        replace(problem, choices=tuple(choices))
+    data = problem.to_json()
+    assert data["choices"][c]["alternatives"][1]["drops"] == [s]
+    data["choices"][c]["alternatives"][1]["drops"] = [owner + 1000]
+    with pytest.raises(ProblemFileError, match="drops"):
+        type(problem).from_json(data)
+
+
+@pytest.mark.parametrize("backend", ["cpsat", "milp"])
 @pytest.mark.parametrize("seed", range(5))
 def test_optimum_equals_brute_force(seed, backend):
     problem = random_problem(5, seed=seed)
@@ -328,3 +381,17 @@ def test_fit_and_trim_repairs_an_overshooting_start_on_the_simulator():
     # Trimming a schedule that fits only ever removes recomputations.
     trimmed = fit_and_trim(problem, fitted, budget, clock.perf_counter() + 10)
     assert trimmed.peak <= budget and trimmed.overhead <= fitted.overhead
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_least_peak_schedule_counts_its_variants_seconds(seed):
+    """minimum_budget's descent runs on the problem with the variants applied; the
+    schedule it returns (here the descent's: CP-SAT gets too little time to beat it)
+    still adds their seconds to its overhead."""
+    problem = with_random_choices(random_problem(300, seed=seed, workspace_probability=0.3),
+                                  seed=seed, count=20)
+    least, _ = minimum_budget(problem, time_limit=1, coarsen_first=False)
+    structure = analyse(problem.apply(least.variants))
+    expected = sum(structure.cost[a] for a, _ in least.recompute)
+    expected += variant_seconds(problem, least.variants)
+    assert least.predicted_overhead == pytest.approx(expected, abs=1e-12)

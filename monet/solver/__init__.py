@@ -150,10 +150,9 @@ def minimum_budget(
     if start is not None and (stop_at is None or start.peak > stop_at):
         # A greedy descent from the least peak reaches lower ones in a second or
         # two; CP-SAT then starts from there.
-        applied = problem.apply(start.variants or problem.default_variants())
         descent = min(deadline, time.perf_counter() + DESCENT_SHARE * time_limit)
-        start = replace(lower_peak(applied, replace(start, variants=()), descent),
-                        variants=start.variants)
+        start = _on_applied(problem, start,
+                            lambda applied, plain: lower_peak(applied, plain, descent))
     if start is not None and stop_at is not None and start.peak <= stop_at:
         return _from_candidate(problem, start, start.peak, "heuristic", 0.0), budget_lower_bound(
             problem
@@ -311,13 +310,25 @@ def _fit(problem: Problem, start: Candidate | None, budget: int,
     what the budget does without."""
     if start is None:
         return None
+    halfway = time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter())
+
+    def fit(applied: Problem, plain: Candidate) -> Candidate | None:
+        lowered = lower_peak(applied, plain, halfway, stop_at=budget)
+        return fit_and_trim(applied, lowered, budget, max(deadline, time.perf_counter() + 0.1))
+
+    return _on_applied(problem, start, fit)
+
+
+def _on_applied(
+    problem: Problem, start: Candidate,
+    work: Callable[[Problem, Candidate], Candidate | None],
+) -> Candidate | None:
+    """``work(applied, plain)`` on ``problem`` with ``start``'s variants applied, ``plain``
+    being ``start`` without them (nor their seconds); its answer comes back with both."""
     variants = start.variants or problem.default_variants()
     extra = variant_seconds(problem, variants)
-    applied = problem.apply(variants)
-    halfway = time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter())
-    lowered = lower_peak(applied, replace(start, variants=(), overhead=start.overhead - extra),
-                         halfway, stop_at=budget)
-    fitted = fit_and_trim(applied, lowered, budget, max(deadline, time.perf_counter() + 0.1))
-    if fitted is None:
+    found = work(problem.apply(variants),
+                 replace(start, variants=(), overhead=start.overhead - extra))
+    if found is None:
         return None
-    return replace(fitted, variants=variants, overhead=fitted.overhead + extra)
+    return replace(found, variants=variants, overhead=found.overhead + extra)

@@ -26,7 +26,8 @@ def relaxed(problem: Problem) -> tuple[Problem, float]:
     """A problem without choices that no variant beats, and the least seconds variants add.
 
     Each overridden node reads only what all its alternatives read, with the
-    least time and workspace among them: every keep-everything profile of the
+    least time and workspace among them, and a storage any alternative drops holds
+    nothing: every keep-everything profile of the
     real problem lies above this one's, and every recomputation costs at least
     as much, so the bounds below stay valid over all variants.
     """
@@ -50,7 +51,14 @@ def relaxed(problem: Problem) -> tuple[Problem, float]:
                 time=min(o.time for o in options),
                 workspace=min(o.workspace for o in options),
             )
-    return replace(problem, nodes=tuple(nodes), choices=()), least_delta
+    # A storage some alternative leaves empty may hold nothing.
+    sizes = list(problem.storage_bytes)
+    for choice in problem.choices:
+        for alternative in choice.alternatives:
+            for s in alternative.drops:
+                sizes[s] = 0
+    return (replace(problem, nodes=tuple(nodes), storage_bytes=tuple(sizes), choices=()),
+            least_delta)
 
 
 def _keep_all_profile(

@@ -132,11 +132,20 @@ def variant_nodes(problem: Problem) -> set[int]:
     """Nodes an operator variant overrides or reads: coarsening leaves them untouched,
     so that the choices carry over with their indices remapped."""
     touched: set[int] = set()
+    dropped: set[int] = set()
     for choice in problem.choices:
         for alternative in choice.alternatives:
+            dropped.update(alternative.drops)
             for override in alternative.overrides:
                 touched.add(override.node)
                 touched.update(override.inputs)
+    if dropped:
+        # A dropped storage's views and their op's readers stay apart: a fold
+        # would make a reader of a kept output read the empty one too.
+        owners = {problem.storage_owner()[s] for s in dropped}
+        for i, n in enumerate(problem.nodes):
+            if dropped & set(n.storages) or owners & set(n.inputs):
+                touched.add(i)
     return touched
 
 
@@ -344,7 +353,7 @@ def _build(problem: Problem, graph: _Graph, folds: dict[str, int], exact: bool) 
             replace(a, overrides=tuple(
                 Override(index[o.node], tuple(index[k] for k in o.inputs), o.time, o.workspace)
                 for o in a.overrides
-            ))
+            ), drops=tuple(storage_index[s] for s in a.drops))
             for a in c.alternatives
         ))
         for c in problem.choices

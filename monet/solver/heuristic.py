@@ -59,7 +59,7 @@ def leanest_variants(problem: Problem) -> tuple[int, ...]:
 
     What a touched node reads costs nothing when an untouched backward node
     reads it anyway (a norm's output, which the next linear's backward reads);
-    only the rest counts.
+    only the rest counts, less what the alternative never allocates.
     """
     structure = analyse(problem)
     read_anyway = set(structure.first_read)
@@ -74,7 +74,9 @@ def leanest_variants(problem: Problem) -> tuple[int, ...]:
     for choice in problem.choices:
         cost = [
             sum(extra_bytes(o.inputs) for o in effective.values())
-            for effective in alternative_nodes(problem, choice)
+            - sum(sizes[s] for s in alternative.drops)
+            for effective, alternative in zip(
+                alternative_nodes(problem, choice), choice.alternatives, strict=True)
         ]
         result.append(min(range(len(cost)), key=lambda k: (cost[k], k)))
     return tuple(result)

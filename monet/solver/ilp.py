@@ -70,6 +70,9 @@ class Structure:
     """Op → (choice, alternative, seconds) its recomputation costs beyond ``cost``."""
     redo_workspace: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
     """Op whose node is touched → (choice, workspace per alternative) of its recomputation."""
+    no_redo: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    """Op → the (choice, alternative) picks under which it is not recomputed (they drop
+    its storages: an alternative's forward-only output is never rebuilt)."""
 
 
 def analyse(problem: Problem) -> Structure:
@@ -129,8 +132,10 @@ def analyse(problem: Problem) -> Structure:
                 add(f_pos[i], end_point, sizes[s])
         if i not in touched:
             fixed[f_pos[i]] += n.workspace
+    dropped = dropped_storages(problem)
     for s in decision:
-        add(f_pos[owner[s]], forward_death[s], sizes[s])
+        if s not in dropped:
+            add(f_pos[owner[s]], forward_death[s], sizes[s])
     # Backward: storages allocated by backward nodes are fixed; reads of forward
     # storages (directly or through backward views) set first/last reads.
     storage_death: dict[int, int] = {}
@@ -184,7 +189,27 @@ def analyse(problem: Problem) -> Structure:
     )
     if problem.choices:
         _add_choices(problem, structure, owner_of, f_pos, b_pos, decision_set)
+        for s, (c, dropping) in dropped.items():
+            # Filled in the forward only where the picked alternative fills it.
+            for k in range(len(problem.choices[c].alternatives)):
+                if k not in dropping:
+                    structure.conditional_workspace += [
+                        (c, k, p, sizes[s]) for p in range(f_pos[owner[s]], forward_death[s] + 1)
+                    ]
+            if owner[s] in recomputable:
+                no_redo = structure.no_redo.setdefault(owner[s], [])
+                no_redo += [(c, k) for k in sorted(dropping) if (c, k) not in no_redo]
     return structure
+
+
+def dropped_storages(problem: Problem) -> dict[int, tuple[int, set[int]]]:
+    """Storage → (choice, the alternatives that drop it)."""
+    result: dict[int, tuple[int, set[int]]] = {}
+    for c, choice in enumerate(problem.choices):
+        for k, alternative in enumerate(choice.alternatives):
+            for s in alternative.drops:
+                result.setdefault(s, (c, set()))[1].add(k)
+    return result
 
 
 def touched_nodes(problem: Problem) -> dict[int, int]:
@@ -317,6 +342,8 @@ def solve_cpsat(
     for a in st.ops:
         if a not in st.recomputable or not backward_points:
             model.Add(redo[a] == 0)
+        for c, k in st.no_redo.get(a, ()):
+            model.AddImplication(pick[c, k], redo[a].Not())
         reads = [st.first_read[s] for s in st.outputs_of[a] if s in st.first_read]
         upper = min(reads) if reads else max(len(st.backward) - 1, 0)
         slot[a] = model.NewIntVar(0, upper, f"slot{a}")

@@ -202,6 +202,10 @@ def solve_milp(
         for k in range(count):
             pick[c, k] = m.column(True)
         m.row({pick[c, k]: 1.0 for k in range(count)}, 1.0, 1.0)
+    for a, picks in st.no_redo.items():
+        if a in redo:
+            for c, k in picks:
+                m.row({redo[a]: 1.0, pick[c, k]: 1.0}, upper=1.0)
     cond_readers = conditional_readers(st)
 
     # Keeping: keep[s] only where it may be 1.

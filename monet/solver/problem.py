@@ -79,6 +79,10 @@ class Alternative:
     overrides: tuple[Override, ...] = ()
     lossy: bool = False
     """Changes results beyond float rounding; only offered when the user asks."""
+    drops: tuple[int, ...] = ()
+    """Forward storages this alternative never fills (a forward-chunked MLP's hidden
+    values): they hold no bytes, nothing but the allocating op's own views reads
+    them, and that op is not recomputed (its outputs are the variant's)."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,9 @@ class Choice:
     """An operator with several implementations; the solver picks exactly one.
 
     ``alternatives[0]`` is the graph as captured (no overrides). Every other
-    alternative overrides some nodes' reads, time and workspace; it never
-    changes what a node allocates, so memory stays counted by the same storages.
+    alternative overrides some nodes' reads, time and workspace, and may leave
+    some forward storages empty (``drops``); it never adds a storage, so memory
+    stays counted by the same storages.
     """
 
     name: str
@@ -191,12 +196,26 @@ class Problem:
         if not self.choices:
             return self
         nodes = list(self.nodes)
+        sizes = list(self.storage_bytes)
         for choice, picked in zip(self.choices, variants, strict=True):
-            for o in choice.alternatives[picked].overrides:
+            alternative = choice.alternatives[picked]
+            for o in alternative.overrides:
                 nodes[o.node] = replace(
                     nodes[o.node], inputs=o.inputs, time=o.time, workspace=o.workspace
                 )
-        return replace(self, nodes=tuple(nodes), choices=())
+            for s in alternative.drops:
+                sizes[s] = 0
+                owner = self.storage_owner()[s]
+                nodes[owner] = replace(nodes[owner], recomputable=False)
+        return replace(self, nodes=tuple(nodes), storage_bytes=tuple(sizes), choices=())
+
+    def storage_owner(self) -> dict[int, int]:
+        """Storage → the node that allocates it (cached: a problem never changes)."""
+        owner = self.__dict__.get("_storage_owner")
+        if owner is None:
+            owner = {s: i for i, n in enumerate(self.nodes) for s in n.allocates}
+            object.__setattr__(self, "_storage_owner", owner)
+        return owner
 
 
 def alternative_nodes(problem: Problem, choice: Choice) -> list[dict[int, Override]]:
@@ -244,6 +263,7 @@ def structure_hash(
         digest.update(
             repr(
                 [(a.name, a.lossy, [(o.node, o.inputs) for o in a.overrides])
+                 + ((a.drops,) if a.drops else ())
                  for a in c.alternatives]
             ).encode()
         )
@@ -340,13 +360,64 @@ def _validate_choices(problem: Problem) -> None:
                     raise ValueError(f"{at}: time and workspace must be finite and >= 0")
                 if any(not 0 <= j < o.node for j in o.inputs):
                     raise ValueError(f"{at}.inputs must be earlier nodes")
-                if n.phase == "forward" and o.inputs != n.inputs:
+                if n.phase == "forward" and set(o.inputs) != set(n.inputs):
                     raise ValueError(f"{at}: a forward variant must read what the node reads")
                 if _backward_reads(nodes, o.inputs) != _backward_reads(nodes, n.inputs):
                     raise ValueError(f"{at}: a variant must read the same backward values")
                 held = {s for j in o.inputs for s in nodes[j].storages}
                 if not set(n.storages) - set(n.allocates) <= held:
                     raise ValueError(f"{at}: the node aliases a storage its new inputs lack")
+            if alternative.drops:
+                _validate_drops(problem, f"{where}.alternatives[{k}] ({alternative.name})",
+                                alternative)
+    dropped = {s: c for c, choice in enumerate(problem.choices)
+               for a in choice.alternatives for s in a.drops}
+    for c, choice in enumerate(problem.choices):
+        for k, alternative in enumerate(choice.alternatives):
+            for o in alternative.overrides:
+                for j in o.inputs:
+                    for s in nodes[j].storages:
+                        if dropped.get(s, c) != c:
+                            raise ValueError(
+                                f"choices[{c}] ({choice.name}).alternatives[{k}]: node "
+                                f"{o.node} reads storage {s}, which choices[{dropped[s]}] "
+                                "may drop"
+                            )
+
+
+def _validate_drops(problem: Problem, at: str, alternative: Alternative) -> None:
+    """A dropped storage is a forward op's own, read (under this alternative) by no node
+    but that op's views (and theirs): an empty tensor never reaches a kernel."""
+    nodes = problem.nodes
+    owner = problem.storage_owner()
+    overridden = {o.node: o for o in alternative.overrides}
+    dropped = set(alternative.drops)
+    if len(dropped) != len(alternative.drops):
+        raise ValueError(f"{at}.drops: a storage is listed twice")
+    for s in alternative.drops:
+        if not (_is_int(s) and s in owner):
+            raise ValueError(f"{at}.drops: {s!r} is not an allocated storage")
+        a = owner[s]
+        if nodes[a].phase != "forward" or a not in overridden:
+            raise ValueError(
+                f"{at}.drops: storage {s} must be allocated by a forward node this "
+                "alternative overrides"
+            )
+    views = {owner[s] for s in dropped}  # the ops and the views that hold an empty value
+    for i, n in enumerate(nodes):
+        hit = dropped & set(n.storages)
+        if hit and n.is_output:
+            raise ValueError(f"{at}.drops: storage {min(hit)} leaves the step (nodes[{i}])")
+        if i in views:
+            continue
+        inputs = overridden[i].inputs if i in overridden else n.inputs
+        holders = [j for j in inputs if dropped & set(nodes[j].storages)]
+        if not holders:
+            continue
+        if n.allocates or i in overridden or not set(holders) <= views:
+            s = min(dropped & {s for j in holders for s in nodes[j].storages})
+            raise ValueError(f"{at}.drops: nodes[{i}] ({n.name}) reads dropped storage {s}")
+        views.add(i)
 
 
 def _backward_reads(nodes: tuple[Node, ...], inputs: tuple[int, ...]) -> set[int]:
@@ -372,6 +443,7 @@ def _choice_to_json(choice: Choice) -> dict[str, Any]:
                      "workspace": o.workspace}
                     for o in a.overrides
                 ],
+                **({"drops": list(a.drops)} if a.drops else {}),
             }
             for a in choice.alternatives
         ],
@@ -402,7 +474,11 @@ def _choice_from_json(index: int, data: Any) -> Choice:
             parsed_overrides.append(
                 Override(o["node"], tuple(o["inputs"]), finite_number(o, "time"), o["workspace"])
             )
-        parsed.append(Alternative(a["name"], tuple(parsed_overrides), a.get("lossy", False)))
+        drops = a.get("drops", [])
+        _expect(isinstance(drops, list) and all(_is_int(s) for s in drops), f"{at}.drops",
+                "a list of integers")
+        parsed.append(Alternative(a["name"], tuple(parsed_overrides), a.get("lossy", False),
+                                  tuple(drops)))
     return Choice(data["name"], tuple(parsed))
 
 

@@ -88,8 +88,11 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3) -> Prob
 
     A backward node that reads a forward op's input gets an alternative that
     reads a forward reader of that input instead (as a norm's backward may read
-    its output), with its own time and workspace; a forward op gets a faster or
-    slower implementation with a workspace (as convolution algorithms do).
+    its output), with its own time and workspace; a forward op whose value only
+    the backward reads gets one that never fills it, its backward readers
+    reading the op's inputs instead (as a forward-chunked MLP's hidden values);
+    a forward op gets a faster or slower implementation with a workspace (as
+    convolution algorithms do).
     """
     rng = random.Random(seed)
     nodes = problem.nodes
@@ -103,13 +106,23 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3) -> Prob
     forward_ops = [i for i, n in enumerate(nodes) if n.phase == "forward" and n.allocates]
     rng.shuffle(backward)
     rng.shuffle(forward_ops)
+    claimed: set[int] = set()
+    empty: set[int] = set()  # nodes holding a dropped storage: no other choice reads them
+    for i in forward_ops if count >= 2 else ():
+        dropping = _dropping_alternative(nodes, i, claimed, rng)
+        if dropping is not None:
+            sites.append(Choice(nodes[i].name, (Alternative("default"), dropping)))
+            claimed.update(o.node for o in dropping.overrides)
+            empty = {r for r, m in enumerate(nodes) if set(dropping.drops) & set(m.storages)}
+            break
+    swaps_end = len(sites) + (count + 1) // 2
     for i in backward:
-        if len(sites) >= (count + 1) // 2:
+        if len(sites) >= min(swaps_end, count):
             break
         n = nodes[i]
         swaps = [(k, r) for k in n.inputs if nodes[k].phase == "forward"
-                 for r in readers.get(k, ()) if r < i and r not in n.inputs]
-        if not swaps:
+                 for r in readers.get(k, ()) if r < i and r not in n.inputs and r not in empty]
+        if not swaps or i in claimed:
             continue
         old, new = rng.choice(swaps)
         inputs = tuple(new if k == old else k for k in n.inputs)
@@ -117,9 +130,12 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3) -> Prob
             Override(i, inputs, n.time * rng.uniform(0.8, 1.5), rng.choice((0, 1024, 4096))),
         ))
         sites.append(Choice(n.name, (Alternative("default"), alternative)))
+        claimed.add(i)
     for i in forward_ops:
         if len(sites) >= count:
             break
+        if i in claimed:
+            continue
         n = nodes[i]
         alternative = Alternative("other_algorithm", (
             Override(i, n.inputs, n.time * rng.uniform(0.5, 1.2), rng.choice((0, 2048, 8192))),
@@ -129,3 +145,29 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3) -> Prob
     return Problem(nodes, problem.storage_bytes,
                    structure_hash(nodes, problem.storage_bytes, choices),
                    f"{problem.name}+choices{seed}", choices=choices)
+
+
+def _dropping_alternative(nodes, i: int, claimed: set[int], rng) -> Alternative | None:
+    """An alternative of forward op ``i`` that never fills its storage, or None when a
+    forward op (not a view of it) reads it or a node it would override is taken."""
+    n = nodes[i]
+    if n.is_output or not n.inputs:
+        return None
+    held = {i}
+    for r, m in enumerate(nodes):
+        if m.phase == "forward" and held & set(m.inputs):
+            if m.allocates:
+                return None
+            held.add(r)
+    backward = [r for r, m in enumerate(nodes)
+                if m.phase == "backward" and held & set(m.inputs)]
+    if claimed & {i, *backward}:
+        return None
+    overrides = [Override(i, n.inputs, n.time * rng.uniform(0.5, 1.5), rng.choice((0, 2048)))]
+    for r in backward:
+        m = nodes[r]
+        inputs = tuple(dict.fromkeys(
+            k for j in m.inputs for k in ((*n.inputs,) if j in held else (j,))
+        ))
+        overrides.append(Override(r, inputs, m.time * rng.uniform(1.0, 1.5), 0))
+    return Alternative("unfilled", tuple(overrides), drops=n.allocates)

@@ -38,7 +38,7 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from monet.solver.ilp import Structure, analyse
+from monet.solver.ilp import Structure, analyse, dropped_storages
 from monet.solver.problem import Problem
 from monet.solver.program import pinned_storages, storage_owner
 
@@ -105,6 +105,9 @@ class Relaxation:
                 else:
                     self.logic.append(([(w, 1.0), (redo[a], -1.0)], -math.inf, 0.0))
                     self.logic.append(([(w, 1.0), (pick[c, k], -1.0)], -math.inf, 0.0))
+        for a, picks in st.no_redo.items():
+            for c, k in picks:
+                self.logic.append(([(redo[a], 1.0), (pick[c, k], 1.0)], -math.inf, 1.0))
         for s in st.decision_storages:
             needed = 1.0 if s in st.first_read else 0.0
             self.logic.append(([(keep[s], 1.0), (redo[owner[s]], 1.0)], needed, 1.0))
@@ -300,6 +303,7 @@ def _skippable_bytes(problem: Problem, st: Structure, live: set[int], pinned: se
     f_pos = {node: p for p, node in enumerate(st.forward)}
     skipped = np.zeros(st.points + 1, dtype=np.int64)
     touched = {o.node for c in problem.choices for a in c.alternatives for o in a.overrides}
+    dropped = dropped_storages(problem)  # conditional terms already, not fixed bytes
     for i in st.forward:
         if i in live:
             continue
@@ -307,7 +311,7 @@ def _skippable_bytes(problem: Problem, st: Structure, live: set[int], pinned: se
             skipped[f_pos[i]] += nodes[i].workspace
             skipped[f_pos[i] + 1] -= nodes[i].workspace
         for s in nodes[i].allocates:
-            if s not in pinned:
+            if s not in pinned and s not in dropped:
                 skipped[f_pos[i]] += sizes[s]
                 skipped[st.forward_death[s] + 1] -= sizes[s]
     return np.cumsum(skipped)[: st.points]
