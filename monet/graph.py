@@ -80,14 +80,15 @@ def analyse(
 ) -> AnalysedGraph:
     """Phases, storages and flags of every node of ``joint``, and its variant sites.
 
-    With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's
+    With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's forward and
     backward) are first fused into one node each, in ``joint`` itself; that node
     runs the captured ops, so the default step is unchanged.
     """
     if variants:
-        from monet.operators.mlp import fuse_mlp_backwards
+        from monet.operators.mlp import fuse_mlp_backwards, fuse_mlp_forwards
 
         fuse_mlp_backwards(joint.module)
+        fuse_mlp_forwards(joint.module)
     graph = joint.module.graph
     output = graph.output_node()
     outs = list(output.args[0])
@@ -165,7 +166,8 @@ def analyse(
     sites = [
         site for site in sites
         if all(
-            nodes[index[r.node]].phase == "backward" or r.inputs() == r.node.all_input_nodes
+            nodes[index[r.node]].phase == "backward"
+            or set(r.inputs()) == set(r.node.all_input_nodes)
             for a in site.alternatives for r in a.rewrites
         )
     ]

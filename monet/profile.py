@@ -206,9 +206,14 @@ def profile(
                     tuple(analysed.index[n] for n in rewrite.inputs()),
                     seconds, workspace,
                 ))
-            if not any(_worth_offering(nodes[o.node], o) for o in overrides):
+            storages = [analysed.problem.nodes[analysed.index[n]].storages
+                        for n in alternative.drops]
+            drops = tuple(dict.fromkeys(s for held in storages for s in held))
+            if not drops and not any(_worth_offering(nodes[o.node], o) for o in overrides):
                 continue
-            alternatives.append(Alternative(alternative.name, tuple(overrides), alternative.lossy))
+            alternatives.append(
+                Alternative(alternative.name, tuple(overrides), alternative.lossy, drops)
+            )
         if len(alternatives) > 1:
             choices.append(Choice(site.name, tuple(alternatives)))
     base = analysed.problem

@@ -93,7 +93,7 @@ def test_fused_mlp_backward_is_the_captured_step():
     from torch.utils import _pytree as pytree
 
     from monet.capture import capture
-    from monet.operators.mlp import fuse_mlp_backwards
+    from monet.operators.mlp import fuse_mlp_backwards, fuse_mlp_forwards
 
     model, _, x = _setup("vit")
     joint = capture(model, x)
@@ -105,11 +105,117 @@ def test_fused_mlp_backward_is_the_captured_step():
         torch.manual_seed(0)  # the same dropout masks
         before = pytree.tree_leaves(joint.module(primals, tangents))
         assert fuse_mlp_backwards(joint.module) > 0
+        assert fuse_mlp_forwards(joint.module) == 0  # dropout between GELU and fc2
         torch.manual_seed(0)
         after = pytree.tree_leaves(joint.module(primals, tangents))
     assert len(before) == len(after)
     for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
+
+
+class _TwoMlps(torch.nn.Module):
+    """Pre-norm residual MLPs without dropout: GELU (tanh) with biases, SiLU without."""
+
+    def __init__(self, width: int = 8, hidden: int = 32):
+        super().__init__()
+        nn = torch.nn
+        self.norm = nn.LayerNorm(width)
+        self.gelu = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
+                                  nn.Linear(hidden, width))
+        self.silu = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.SiLU(),
+                                  nn.Linear(hidden, width, bias=False))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.gelu(self.norm(x))
+        return self.head(x + self.silu(x))
+
+
+def test_fused_mlp_forward_is_the_captured_step_and_chunks():
+    """Fusing each MLP's forward too runs the same ops, bit for bit; with the forward and
+    backward chunked (``mlp.chunked``) the step is the same up to float rounding, and the
+    full-width values are read by nothing."""
+    import operator
+
+    from torch.utils import _pytree as pytree
+
+    from monet.capture import capture
+    from monet.operators import apply_rewrites, find_sites
+    from monet.operators.mlp import fuse_mlp_backwards, fuse_mlp_forwards
+
+    torch.manual_seed(0)
+    joint = capture(_TwoMlps(), torch.randn(2, 13, 8, requires_grad=True))
+    module, graph = joint.module, joint.module.graph
+    primals = list(joint.real_primals)
+    tangents = [torch.randn(n.meta["val"].shape, generator=torch.Generator().manual_seed(k))
+                for k, n in enumerate(graph.find_nodes(op="placeholder"))
+                if n.name.startswith("tangents")]
+
+    def step():
+        return [t for t in pytree.tree_leaves(module(primals, tangents)) if t is not None]
+
+    with torch.no_grad():
+        before = step()
+        assert fuse_mlp_backwards(module) == 2
+        assert fuse_mlp_forwards(module) == 2
+        fused = step()
+        assert len(before) == len(fused)
+        for a, b in zip(before, fused, strict=True):
+            assert torch.equal(a, b)
+
+        specs = [n.meta["monet_mlp"] for n in graph.nodes if "monet_mlp" in n.meta]
+        for spec in specs:
+            forward, dropped = spec["forward"], spec["dropped"]
+            assert [d.args for d in dropped] == [(forward, 0), (forward, 1)]
+            assert all(d.target is operator.getitem for d in dropped)
+            assert spec["weight_grad"].args[1] is dropped[1]
+        assert [s["fc2_bias"] is None for s in specs] == [True, False]  # backwards: SiLU first
+        alternatives = [a for site in find_sites(list(graph.nodes)) for a in site.alternatives
+                        if a.name.startswith("mlp.")]
+        assert [a.name for a in alternatives] == ["mlp.backward_chunked", "mlp.chunked"] * 2
+        chunked = [a for a in alternatives if a.name == "mlp.chunked"]
+        for alternative, spec in zip(chunked, specs, strict=True):
+            assert alternative.drops == spec["dropped"]
+            (rewrite,) = [r for r in alternative.rewrites if r.node is spec["forward"]]
+            assert set(rewrite.inputs()) == set(rewrite.node.all_input_nodes)
+        apply_rewrites(graph, [r for a in chunked for r in a.rewrites],
+                       {n: n for n in graph.nodes})
+        module.recompile()
+        assert not any(d.users for spec in specs for d in spec["dropped"])
+        after = step()
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_mlp_runs_end_to_end_below_the_backward_only_variant(tmp_path):
+    """``mlp.chunked`` through optimize: chosen from a schedule file, lowered, run; the
+    step equals eager's, the measured peak is the simulated one, and keeping everything
+    else it needs less than ``mlp.backward_chunked`` (no full-width value even in the
+    forward)."""
+    torch.manual_seed(0)
+    model, x = _TwoMlps(16, 64), torch.randn(4, 33, 16, requires_grad=True)
+    reference = copy.deepcopy(model)
+    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5).last_plan.problem
+
+    def picking(name):
+        return tuple(next((k for k, a in enumerate(c.alternatives) if a.name == name), 0)
+                     for c in problem.choices)
+
+    chunked, backward_only = picking("mlp.chunked"), picking(MLP)
+    assert sum(map(bool, chunked)) == 2
+    dropped = [s for c, k in enumerate(chunked) if k
+               for s in problem.choices[c].alternatives[k].drops]
+    assert len(dropped) == 4  # a and h of each MLP
+    schedule = keep_all(problem, chunked)
+    assert schedule.predicted_peak < keep_all(problem, backward_only).predicted_peak
+    path = tmp_path / "chunked.json"
+    schedule.save(path)
+    optimized = monet.optimize(model, schedule.predicted_peak, (x,), schedule=str(path),
+                               timing_repeats=0)
+    report = optimized.report()
+    assert set(report.variants.values()) == {"mlp.chunked"}
+    assert report.measured_peak == schedule.predicted_peak
+    assert_same_step(optimized, model, reference, x, {"rtol": 1e-4, "atol": 1e-5})
 
 
 def test_schedule_with_wrong_variants_is_refused(tmp_path):

@@ -49,6 +49,9 @@ class Rewrite:
 class Alternative:
     name: str
     rewrites: tuple[Rewrite, ...]
+    drops: tuple[fx.Node, ...] = ()
+    """Forward nodes whose values this alternative never computes: their storages hold no
+    bytes, and only the alternative's rewritten nodes or views of them read them."""
     lossy: bool = False
     """Changes results beyond float rounding: only offered when asked for."""
     forward_rounding: bool = False

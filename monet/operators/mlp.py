@@ -17,6 +17,11 @@ tokens at a time, so no full-width value exists in the backward, for two
 more runs of fc1. Dropout between the activation and fc2 is replayed from its
 kept mask.
 
+Without dropout the forward is fused too (:func:`fuse_mlp_forwards`, fc1 to
+fc2 as one node), and a second variant runs it a chunk at a time as well
+(:func:`mlp_forward_chunked`): ``a`` and ``h`` are then never whole, not even
+transiently, and the node returns empty tensors in their place.
+
 Results equal aten's up to float rounding: a matrix product over a chunk of
 rows, and a weight gradient summed over chunks, round differently.
 """
@@ -284,7 +289,8 @@ def _structure(nodes: list[fx.Node], inputs: list[fx.Node]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):
+def _replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
+            name: str = "mlp_backward"):
     """A function running ``nodes`` (in graph order) on ``inputs``, returning ``outputs``:
     the captured ops themselves, so the fused default is bit for bit the unfused graph."""
     graph = fx.Graph()
@@ -294,11 +300,31 @@ def _replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node])
     graph.output(tuple(env[n] for n in outputs))
     module = fx.GraphModule(torch.nn.Module(), graph)
 
-    def mlp_backward(*tensors):
+    def replay(*tensors):
         return module(*tensors)
 
-    mlp_backward.__qualname__ = f"mlp_backward[{_structure(nodes, inputs)}]"
-    return mlp_backward
+    replay.__name__ = name
+    replay.__qualname__ = f"{name}[{_structure(nodes, inputs)}]"
+    return replay
+
+
+def _substitute(graph: fx.Graph, fused: fx.Node, members: list[fx.Node],
+                outputs: list[fx.Node]) -> list[fx.Node]:
+    """Readers of ``outputs`` read ``fused``'s items instead; ``members`` are erased.
+    Returns the items (getitems), in the order of ``outputs``."""
+    fused.meta["val"] = tuple(o.meta["val"] for o in outputs)
+    items = []
+    with graph.inserting_after(fused):
+        for k, output in reversed(list(enumerate(outputs))):
+            item = graph.call_function(operator.getitem, (fused, k))
+            item.meta["val"] = output.meta["val"]
+            items.append(item)
+    items.reverse()
+    for output, item in zip(outputs, items, strict=True):
+        output.replace_all_uses_with(item)  # members too: they are erased next
+    for n in reversed(members):
+        graph.erase_node(n)
+    return items
 
 
 def fuse_mlp_backwards(module: fx.GraphModule) -> int:
@@ -326,23 +352,96 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
         anchor = max([*inputs, m.weight_grad], key=order.__getitem__)
         with graph.inserting_after(anchor):
             fused = graph.call_function(_replay(members, inputs, outputs), tuple(inputs))
-        fused.meta["val"] = tuple(o.meta["val"] for o in outputs)
+        _substitute(graph, fused, members, outputs)
         fused.meta["monet_mlp"] = {
             "weight_grad": m.weight_grad, "grad2d": grad2d, "x2d": m.x2d,
             "weight_t": m.weight_t, "bias": m.bias, "fc2_weight_t": m.fc2_weight_t,
             "activation": m.activation,
             "approximate": m.approximate, "factors": m.factors,
         }
-        with graph.inserting_after(fused):
-            items = []
-            for k, output in enumerate(outputs):
-                item = graph.call_function(operator.getitem, (fused, k))
-                item.meta["val"] = output.meta["val"]
-                items.append(item)
-        for output, item in zip(outputs, items, strict=True):
-            output.replace_all_uses_with(item)
-        for n in reversed(members):
-            graph.erase_node(n)
+        fused_count += 1
+    if fused_count:
+        graph.lint()
+        module.recompile()
+    return fused_count
+
+
+def _forward_nodes(backward: fx.Node, spec: dict):
+    """The forward ops of the MLP whose fused backward is ``backward``, or None:
+    (members in graph order, their inputs, outputs, fc2's bias).
+
+    fc1's ``addmm``/``mm`` → (views) → ``a`` → the activation → (views) → ``h2d`` →
+    fc2's ``addmm``/``mm``. The outputs are ``a`` (read by ``backward``), ``h2d``
+    (read by fc2's weight gradient) and fc2's output: under the chunked forward the
+    first two are empty, so nothing else may read them, nor any other member.
+    """
+    weight_grad = spec["weight_grad"]
+    h2d = weight_grad.args[1]
+    act = h2d
+    while isinstance(act, fx.Node) and act.target in _VIEWS:
+        act = act.args[0]
+    activation = aten.gelu.default if spec["activation"] == "gelu" else aten.silu.default
+    if act is h2d or not isinstance(act, fx.Node) or act.target is not activation:
+        return None
+    a = act.args[0]
+    fc1_node = _source(a)
+    if (not isinstance(a, fx.Node) or a not in backward.all_input_nodes
+            or _fc1(fc1_node) != (spec["x2d"], spec["weight_t"], spec["bias"])):
+        return None
+    fc2_nodes = [u for u in h2d.users if u is not weight_grad]
+    fc2 = _fc1(fc2_nodes[0]) if len(fc2_nodes) == 1 else None
+    if fc2 is None or fc2[0] is not h2d or fc2[1] is not spec["fc2_weight_t"]:
+        return None
+    fc2_node, fc2_bias = fc2_nodes[0], fc2[2]
+    members = [fc2_node]
+    node = h2d
+    while node is not fc1_node:  # h2d's views back to the activation, it, a's views
+        members.append(node)
+        node = node.args[0]
+    members.append(fc1_node)
+    members.reverse()
+    inner = set(members)
+    outputs = [a, h2d, fc2_node]
+    readers = {a: {backward}, h2d: {weight_grad}, fc2_node: None}
+    for n in members:
+        outside = set(n.users) - inner
+        allowed = readers.get(n, set())
+        if allowed is not None and not outside <= allowed:
+            return None
+    inputs = list(dict.fromkeys(
+        i for n in members for i in n.all_input_nodes if i not in inner
+    ))
+    expected = {spec["x2d"], spec["weight_t"], spec["bias"], spec["fc2_weight_t"], fc2_bias}
+    if set(inputs) != expected - {None} or any(spec[k] in inner for k in ("grad2d", "weight_grad")):
+        return None
+    return members, inputs, outputs, fc2_bias
+
+
+def fuse_mlp_forwards(module: fx.GraphModule) -> int:
+    """Fuse the forward, fc1 to fc2, of every MLP whose backward is fused and that has
+    no dropout between the activation and fc2; returns how many.
+
+    Run after :func:`fuse_mlp_backwards`. The fused node calls the captured ops (the
+    default) and returns ``(a, h2d, fc2's output)``; the backward's
+    ``meta["monet_mlp"]`` gains ``"forward"`` (the node), ``"dropped"`` (the getitems
+    of ``a`` and ``h2d``, which the chunked forward never computes) and ``"fc2_bias"``.
+    """
+    graph = module.graph
+    fused_count = 0
+    for node in list(graph.nodes):
+        spec = node.meta.get("monet_mlp")
+        if spec is None or spec["factors"] or "forward" in spec:
+            continue
+        found = _forward_nodes(node, spec)
+        if found is None:
+            continue
+        members, inputs, outputs, fc2_bias = found
+        # Just before fc2, the last member: after every input (fc2's weight may come late).
+        with graph.inserting_before(members[-1]):
+            fused = graph.call_function(_replay(members, inputs, outputs, "mlp_forward"),
+                                        tuple(inputs))
+        items = _substitute(graph, fused, members, outputs)
+        spec.update(forward=fused, dropped=tuple(items[:-1]), fc2_bias=fc2_bias)
         fused_count += 1
     if fused_count:
         graph.lint()
@@ -414,6 +513,30 @@ def mlp_backward_chunked(
     return result if bias is None else (*result, bias_grad)
 
 
+def mlp_forward_chunked(
+    x2d: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    fc2_weight_t: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    activation: str,
+    approximate: str,
+    chunks: int = CHUNKS,
+) -> tuple[torch.Tensor, ...]:
+    """The fused MLP forward a chunk of tokens at a time: no full-width value is ever whole.
+
+    Returns what the captured ops return, with empty tensors in place of ``a`` and
+    ``h2d`` (the chunked backward reads ``x`` instead), then fc2's output (tokens × out).
+    """
+    out = x2d.new_empty(x2d.shape[0], fc2_weight_t.shape[1])
+    for rows in _rows(x2d.shape[0], chunks):
+        h = _activate(_pre_activation(x2d, weight_t, bias, rows), activation, approximate)
+        out[rows] = torch.mm(h, fc2_weight_t) if fc2_bias is None else torch.addmm(
+            fc2_bias, h, fc2_weight_t)
+        del h
+    return x2d.new_empty(0), x2d.new_empty(0), out
+
+
 def mlp_sites(node: fx.Node) -> list[Site]:
     spec = node.meta.get("monet_mlp") if node.op == "call_function" else None
     if spec is None:
@@ -428,4 +551,50 @@ def mlp_sites(node: fx.Node) -> list[Site]:
             spec["grad2d"], *common, spec["fc2_weight_t"], spec["activation"],
             spec["approximate"], spec["factors"])),
     )
-    return [Site(node.name, (Alternative("mlp.backward_chunked", rewrites),))]
+    alternatives = [Alternative("mlp.backward_chunked", rewrites)]
+    forward = spec.get("forward")
+    if forward is not None:
+        # The same set of inputs as the fused forward: x, fc1's weight and bias, fc2's.
+        chunked = Rewrite(forward, mlp_forward_chunked, (
+            *common, spec["fc2_weight_t"], spec["fc2_bias"], spec["activation"],
+            spec["approximate"]))
+        # fc2's output rounds differently by row chunk (about an ulp): harmless unless a
+        # discrete op downstream (a max-pool's argmax) could then decide otherwise.
+        alternatives.append(Alternative("mlp.chunked", (*rewrites, chunked),
+                                        drops=spec["dropped"],
+                                        forward_rounding=_feeds_a_discrete_op(forward)))
+    return [Site(node.name, tuple(alternatives))]
+
+
+_DISCRETE = {
+    aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default,
+    aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim,
+    aten.sort.default, aten.topk.default, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor,
+    aten.ge.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.le.Tensor, aten.le.Scalar,
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar,
+}
+
+
+def _feeds_a_discrete_op(start: fx.Node) -> bool:
+    """Whether a forward op downstream of ``start`` picks among values (argmax, compare)."""
+    backward = _backward(start.graph)
+    seen, stack = {start}, [start]
+    while stack:
+        node = stack.pop()
+        if node.target in _DISCRETE:
+            return True
+        for user in node.users:
+            if user not in seen and user not in backward:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def _backward(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that depend on a tangent (graph.py's split, for one question here)."""
+    result: set[fx.Node] = set()
+    for n in graph.nodes:
+        if (n.op == "placeholder" and n.name.startswith("tangents")) or any(
+                m in result for m in n.all_input_nodes):
+            result.add(n)
+    return result

@@ -141,3 +141,31 @@ def test_mlp_backward_chunked(tokens, width, hidden, out, activation, approximat
             close([mlp_weight_grad_recompute(grad2d.t(), x2d, weight_t, b, activation,
                                              approximate, factors, chunks)],
                   [torch.mm(grad2d.t(), h.detach())])
+
+
+@pytest.mark.parametrize("tokens,width,hidden,out", [(1, 4, 16, 4), (5, 8, 33, 5), (17, 8, 33, 5),
+                                                    (40, 12, 48, 12)])
+@pytest.mark.parametrize("activation,approximate", [("gelu", "none"), ("gelu", "tanh"),
+                                                    ("silu", "none")])
+@pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False)])
+def test_mlp_forward_chunked(tokens, width, hidden, out, activation, approximate, biases):
+    """Against the captured ops ``fc2(act(fc1(x)))`` on 2-D views: fc2's output, with empty
+    tensors in place of the full-width ``a`` and ``h``; one chunk is bit for bit."""
+    from monet.operators.mlp import mlp_forward_chunked
+
+    generator = torch.Generator().manual_seed(tokens + hidden)
+    x2d = torch.randn(tokens, width, generator=generator)
+    weight_t = torch.randn(width, hidden, generator=generator) / width**0.5
+    fc2_weight_t = torch.randn(hidden, out, generator=generator) / hidden**0.5
+    b, fc2_b = (torch.randn(n, generator=generator) if on else None
+                for n, on in zip((hidden, out), biases, strict=True))
+    a = torch.mm(x2d, weight_t) if b is None else torch.addmm(b, x2d, weight_t)
+    h = aten.gelu(a, approximate=approximate) if activation == "gelu" else aten.silu(a)
+    expected = torch.mm(h, fc2_weight_t) if fc2_b is None else torch.addmm(fc2_b, h, fc2_weight_t)
+    for chunks in (1, 3, 8, tokens + 2):
+        *dropped, actual = mlp_forward_chunked(x2d, weight_t, b, fc2_weight_t, fc2_b, activation,
+                                               approximate, chunks)
+        assert len(dropped) == 2 and all(d.numel() == 0 for d in dropped)
+        close([actual], [expected])
+        if chunks == 1:
+            assert torch.equal(actual, expected)
