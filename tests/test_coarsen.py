@@ -230,7 +230,10 @@ def test_exact_solver_finds_the_same_optimum(seed, variants):
     for budget in sorted({high - 1, (high + low) // 2, low}):
         expected = solve(problem, budget, time_limit=5)
         schedule = coarse.expand(solve(coarse.problem, budget, time_limit=5))
-        assert expected.status == schedule.status == "optimal"
+        # Both exact models have dead-end ops here or not (analyse(...).exact) alike.
+        assert expected.status == schedule.status
+        assert schedule.status == ("optimal" if analyse(problem).exact else "feasible") or (
+            schedule.status == "optimal" and schedule.bound == schedule.predicted_overhead)
         assert schedule.predicted_overhead == pytest.approx(expected.predicted_overhead, abs=1e-9)
         assert schedule.predicted_peak <= budget
         assert schedule.bound <= schedule.predicted_overhead

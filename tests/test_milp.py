@@ -8,7 +8,7 @@ import pytest
 
 from monet.simulate import simulate
 from monet.solver import Schedule, build_program, keep_all
-from monet.solver.ilp import Solution, solve_cpsat
+from monet.solver.ilp import Solution, analyse, solve_cpsat
 from monet.solver.milp import model_profile, solve_milp
 from monet.solver.random_graphs import random_problem
 
@@ -25,24 +25,30 @@ def simulated_peak(problem, solution: Solution, budget: int | None) -> int:
 @pytest.mark.parametrize(("forward_ops", "seed"), CASES)
 def test_milp_optimum_equals_cpsat(forward_ops, seed):
     problem = random_problem(forward_ops, seed=seed)
+    # A dead-end op (no output needs it) is counted in the model's forward, where the
+    # program may skip it: the model's optimum is then only proven for its schedules.
+    exact = analyse(problem).exact
+    proven = "optimal" if exact else "feasible"
     least = solve_milp(problem, None, time_limit=10)
-    assert least.status == "optimal"
+    assert least.status == proven
     assert least.capacity == solve_cpsat(problem, None, time_limit=10).capacity
-    assert least.objective == least.capacity == least.bound
+    assert least.objective == least.capacity
+    assert least.bound == (least.capacity if exact else None)
     low = least.capacity
     assert simulated_peak(problem, least, low) <= low
     high = keep_all(problem).predicted_peak
     for budget in sorted({high, (high + low) // 2, low}):
         milp = solve_milp(problem, budget, time_limit=10)
         cpsat = solve_cpsat(problem, budget, time_limit=10)
-        assert milp.status == cpsat.status == "optimal"
+        assert milp.status == cpsat.status == proven
         assert milp.objective == pytest.approx(cpsat.objective, abs=1e-9)
-        assert milp.bound == pytest.approx(milp.objective, abs=1e-9)
+        if exact:
+            assert milp.bound == pytest.approx(milp.objective, abs=1e-9)
         assert milp.capacity is None
         assert max(model_profile(problem, milp.kept, milp.recompute)) <= budget
         assert simulated_peak(problem, milp, budget) <= budget
     below = solve_milp(problem, low - 1, time_limit=10)
-    assert below.status == "infeasible"
+    assert below.status == ("infeasible" if exact else "unknown")
     assert below.kept == below.recompute == ()
 
 
@@ -55,7 +61,7 @@ def test_milp_with_workspaces_and_random_ops(seed):
     budget = (high + least.capacity) // 2
     milp = solve_milp(problem, budget, time_limit=10)
     cpsat = solve_cpsat(problem, budget, time_limit=10)
-    assert milp.status == cpsat.status == "optimal"
+    assert milp.status == cpsat.status == ("optimal" if analyse(problem).exact else "feasible")
     assert milp.objective == pytest.approx(cpsat.objective, abs=1e-9)
     assert simulated_peak(problem, milp, budget) <= budget
     redone = {a for a, _ in milp.recompute}

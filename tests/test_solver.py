@@ -239,6 +239,48 @@ def hand_built() -> Problem:
     return Problem(nodes, sizes, structure_hash(nodes, sizes), "hand")
 
 
+def _deferred(view: bool) -> Problem:
+    """x → a → b → out; t reads a after out and only the backward reads t: a view of a
+    (a saved transpose) or an op of its own."""
+    sizes = (1, 10, 10, 1, 1, 1, 1)
+    t = (Node("t", "view", "forward", (1,), (1,), ()) if view
+         else Node("t", "op", "forward", (1,), (4,), (4,), time=0.1))
+    nodes = (
+        Node("x", "input", "input", (), (0,), (0,), recomputable=False),
+        Node("a", "op", "forward", (0,), (1,), (1,), time=1.0),
+        Node("b", "op", "forward", (1,), (2,), (2,), time=1.0),
+        Node("out", "op", "forward", (2,), (3,), (3,), time=0.1, is_output=True),
+        t,
+        Node("tangent", "input", "tangent", (), (5,), (5,), recomputable=False),
+        Node("grad", "op", "backward", (5, 4), (6,), (6,), time=1.0, is_output=True),
+    )
+    used = tuple(b if any(k in n.storages for n in nodes) else 0 for k, b in enumerate(sizes))
+    return Problem(nodes, used, structure_hash(nodes, used), "deferred")
+
+
+@pytest.mark.parametrize("backend", ["cpsat", "milp"])
+def test_a_view_only_the_backward_reads_does_not_hold_its_storage(backend):
+    """Recomputing a frees it after b: the saved transpose t runs in the forward only
+    when a is kept, so 21 (x, a, b at b) is the least peak, not keep-all's 22 at out."""
+    problem = _deferred(view=True)
+    assert keep_all(problem).predicted_peak == 22
+    least, lower = minimum_budget(problem, time_limit=2, backend=backend)
+    assert least.predicted_peak == lower == 21
+    schedule = solve(problem, 21, time_limit=2, backend=backend)
+    assert schedule.recompute == ((1, 0),) and schedule.status == "optimal"
+
+
+def test_bounds_leave_out_what_the_forward_may_defer():
+    """When t is an op of its own, recomputing t and a in the backward also frees a after
+    b (21), though the exact models keep t in the forward (22); the bounds stay below."""
+    problem = _deferred(view=False)
+    draft = Schedule(problem.graph_hash, None, (), ((1, 0), (4, 0)), 0, 0.0, "heuristic")
+    assert simulate(problem, build_program(problem, draft)).peak == 21
+    assert budget_lower_bound(problem) <= 21
+    assert minimum_budget(problem, time_limit=2)[1] <= 21
+    assert time_lower_bound(problem, 21) <= 1.1
+
+
 def test_simulator_on_a_hand_built_graph():
     problem = hand_built()
     # Keep everything: forward peak at b is x+a+b = 31, then out: 32. Backward at

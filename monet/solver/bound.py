@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from monet.solver.ilp import Structure, analyse
+import numpy as np
+
+from monet.solver.ilp import Structure, analyse, dropped_storages, runs_in_every_forward
 from monet.solver.problem import Problem, alternative_nodes
 from monet.solver.program import storage_owner
 
@@ -61,10 +63,53 @@ def relaxed(problem: Problem) -> tuple[Problem, float]:
             least_delta)
 
 
+def deferrable_bytes(problem: Problem, st: Structure, live: set[int] | None = None):
+    """Bytes the fixed profile counts in the forward that a schedule may leave out there.
+
+    The forward runs what its outputs and the saved values need. A node the
+    outputs do not need (a value only the backward reads: a saved transpose,
+    dead code) may be recomputed instead, and then neither its own bytes nor its
+    reads of earlier values (which keep those alive past their last needed
+    reader) happen in the forward. A lower bound leaves all of that out.
+    """
+    nodes, sizes = problem.nodes, problem.storage_bytes
+    live = runs_in_every_forward(problem, st.forward) if live is None else live
+    f_pos = {node: p for p, node in enumerate(st.forward)}
+    owner = storage_owner(problem)
+    dropped = dropped_storages(problem)  # conditional terms, never fixed bytes
+    touched = {o.node for c in problem.choices for a in c.alternatives for o in a.overrides}
+    skipped = np.zeros(st.points + 1, dtype=np.int64)
+
+    def leave_out(start: int, stop: int, amount: int) -> None:
+        if start <= stop:
+            skipped[start] += amount
+            skipped[stop + 1] -= amount
+
+    needed_until: dict[int, int] = {}
+    for i in st.forward:
+        if i not in live:
+            if i not in touched:  # a touched node's workspace is a conditional term instead
+                leave_out(f_pos[i], f_pos[i], nodes[i].workspace)
+            continue
+        for k in nodes[i].inputs:
+            for s in nodes[k].storages:
+                needed_until[s] = max(needed_until.get(s, -1), f_pos[i])
+    for s in st.decision_storages:
+        if s in dropped:
+            continue
+        a = owner[s]
+        if a not in live:
+            leave_out(f_pos[a], st.forward_death[s], sizes[s])
+        else:
+            leave_out(max(f_pos[a], needed_until.get(s, -1)) + 1, st.forward_death[s], sizes[s])
+    return np.cumsum(skipped)[: st.points]
+
+
 def _keep_all_profile(
     problem: Problem, structure: Structure
 ) -> tuple[list[int], dict[int, tuple[int, int]]]:
-    """Memory at every point when everything read is kept, and each kept interval."""
+    """Memory at every point when everything read is kept, and each kept interval
+    (less what a schedule may leave out of the forward: :func:`deferrable_bytes`)."""
     n_forward = len(structure.forward)
     delta = [0] * (structure.points + 1)
     spans: dict[int, tuple[int, int]] = {}
@@ -76,10 +121,11 @@ def _keep_all_profile(
         spans[s] = (start, stop)
         delta[start] += problem.storage_bytes[s]
         delta[stop + 1] -= problem.storage_bytes[s]
+    deferrable = deferrable_bytes(problem, structure)
     level, running = [], 0
     for p in range(structure.points):
         running += delta[p]
-        level.append(structure.fixed[p] + running)
+        level.append(structure.fixed[p] + running - int(deferrable[p]))
     return level, spans
 
 

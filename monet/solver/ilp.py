@@ -55,6 +55,11 @@ class Structure:
     cost: dict[int, float]
     """Op → seconds to recompute it (its owned views included), default variants."""
     workspace: dict[int, int] = field(default_factory=dict)
+    exact: bool = True
+    """Whether this model's peaks are the simulator's. A forward node no output needs
+    that is not a deferred view (an op only the backward reads) is counted in the
+    forward here, where the program skips it unless its value is kept: the model's
+    schedules still fit, but its optimum and bound hold for those schedules only."""
     # Operator variants. A node some alternative overrides is *touched*: its
     # reads, workspace and time are left out of everything above and given per
     # alternative here, to be switched on by the choice.
@@ -99,11 +104,7 @@ def analyse(problem: Problem) -> Structure:
     touched = touched_nodes(problem)
 
     # Readers, per phase.
-    forward_last: dict[int, int] = {}
     backward_last: dict[int, int] = {}
-    for i in forward:
-        for k in nodes[i].inputs:
-            forward_last[k] = max(forward_last.get(k, -1), f_pos[i])
     for i in backward:
         for k in nodes[i].inputs:
             backward_last[k] = max(backward_last.get(k, -1), b_pos[i])
@@ -121,12 +122,25 @@ def analyse(problem: Problem) -> Structure:
             add(0, end_point, sum(sizes[s] for s in n.allocates))
         elif n.phase == "tangent":
             add(n_forward, end_point, sum(sizes[s] for s in n.allocates))
+    # A forward storage lives to its last forward reader, except readers that run in
+    # the forward only when it is kept anyway (deferred views: a saved transpose).
+    live = runs_in_every_forward(problem, forward)
+    deferred = deferred_views(problem, forward, live)
     for i in forward:
         n = nodes[i]
-        death = forward_last.get(i, f_pos[i])
-        for s in n.storages:
-            if s in decision_set:
-                forward_death[s] = max(forward_death.get(s, -1), death)
+        if i not in deferred:
+            for s in n.storages:
+                if s in decision_set:
+                    forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
+            for k in n.inputs:
+                for s in nodes[k].storages:
+                    if s in decision_set:
+                        forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
+        else:
+            for k in n.inputs:
+                for s in nodes[k].storages:
+                    if s in decision_set and s not in n.storages:
+                        forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
         for s in n.allocates:
             if s in pinned:
                 add(f_pos[i], end_point, sizes[s])
@@ -186,6 +200,7 @@ def analyse(problem: Problem) -> Structure:
     structure = Structure(
         forward, backward, points, fixed, decision, ops, outputs_of, forward_death,
         first_read, last_read, recompute_reads, readers, recomputable, cost, workspace,
+        exact=all(i in live or i in deferred for i in forward),
     )
     if problem.choices:
         _add_choices(problem, structure, owner_of, f_pos, b_pos, decision_set)
@@ -200,6 +215,45 @@ def analyse(problem: Problem) -> Structure:
                 no_redo = structure.no_redo.setdefault(owner[s], [])
                 no_redo += [(c, k) for k in sorted(dropping) if (c, k) not in no_redo]
     return structure
+
+
+def runs_in_every_forward(problem: Problem, forward: list[int]) -> set[int]:
+    """Forward nodes every schedule runs: the ancestors of the forward's outputs."""
+    nodes = problem.nodes
+    stack = [i for i in forward if nodes[i].is_output]
+    live: set[int] = set()
+    while stack:
+        i = stack.pop()
+        if i not in live:
+            live.add(i)
+            stack.extend(nodes[i].inputs)
+    return live
+
+
+def deferred_views(problem: Problem, forward: list[int], live: set[int] | None = None
+                   ) -> set[int]:
+    """Forward views no output needs whose forward readers are such views of the same
+    storages (a transpose or a getitem only the backward reads).
+
+    The program runs one in the forward only when its storages are kept (it is
+    saved, or a saved one reads it); otherwise it is recomputed with its storage's
+    op. Its read of those storages therefore never ends their forward life.
+    """
+    nodes = problem.nodes
+    live = runs_in_every_forward(problem, forward) if live is None else live
+    readers: dict[int, list[int]] = {}
+    for i in forward:
+        for k in nodes[i].inputs:
+            readers.setdefault(k, []).append(i)
+    result: set[int] = set()
+    for i in reversed(forward):
+        n = nodes[i]
+        if i in live or n.allocates or not n.storages:
+            continue
+        if all(d in result and set(nodes[d].storages) == set(n.storages)
+               for d in readers.get(i, ())):
+            result.add(i)
+    return result
 
 
 def dropped_storages(problem: Problem) -> dict[int, tuple[int, set[int]]]:
@@ -459,27 +513,19 @@ def solve_cpsat(
     code = solver.Solve(model, callback)
     seconds = time.perf_counter() - started
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        status = "infeasible" if code == cp_model.INFEASIBLE else "unknown"
-        return Solution((), (), status, float("inf"), None, None, seconds)
+        infeasible = code == cp_model.INFEASIBLE and st.exact
+        return Solution((), (), "infeasible" if infeasible else "unknown", float("inf"), None,
+                        None, seconds)
     kept = tuple(s for s in st.decision_storages if solver.Value(keep[s]))
     recompute = tuple((a, solver.Value(slot[a])) for a in st.ops if solver.Value(redo[a]))
     variants = tuple(
         next(k for k in range(count) if solver.Value(pick[c, k]))
         for c, count in enumerate(st.alternatives)
     )
-    status = "optimal" if code == cp_model.OPTIMAL else "feasible"
+    status = "optimal" if code == cp_model.OPTIMAL and st.exact else "feasible"
+    bound = solver.BestObjectiveBound() if st.exact else None
     if budget is None:
-        return Solution(
-            kept, recompute, status, solver.ObjectiveValue(), solver.BestObjectiveBound(),
-            int(solver.Value(capacity)), seconds, variants,
-        )
-    return Solution(
-        kept,
-        recompute,
-        status,
-        solver.ObjectiveValue() / TIME_SCALE,
-        solver.BestObjectiveBound() / TIME_SCALE,
-        None,
-        seconds,
-        variants,
-    )
+        return Solution(kept, recompute, status, solver.ObjectiveValue(), bound,
+                        int(solver.Value(capacity)), seconds, variants)
+    return Solution(kept, recompute, status, solver.ObjectiveValue() / TIME_SCALE,
+                    None if bound is None else bound / TIME_SCALE, None, seconds, variants)

@@ -157,8 +157,8 @@ def solve_milp(
     started = time.perf_counter()
     st = analyse(problem)
     if budget is not None and max(st.fixed, default=0) > budget:
-        return Solution((), (), "infeasible", float("inf"), None, None,
-                        time.perf_counter() - started)
+        return Solution((), (), "infeasible" if st.exact else "unknown", float("inf"), None,
+                        None, time.perf_counter() - started)
     sizes = problem.storage_bytes
     owner = storage_owner(problem)
     readers = st.readers
@@ -322,6 +322,9 @@ def solve_milp(
                   log_callback)
     seconds = time.perf_counter() - started
     status, values, bound = result
+    if not st.exact:  # see Structure.exact: this model's optimum and bound are its own
+        status = {"optimal": "feasible", "infeasible": "unknown"}.get(status, status)
+        bound = None
     if values is None:
         return Solution((), (), status, float("inf"), None, None, seconds)
     kept = tuple(s for s in st.decision_storages if s in keep and values[keep[s]] > 0.5)

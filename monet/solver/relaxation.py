@@ -38,9 +38,10 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from monet.solver.ilp import Structure, analyse, dropped_storages
+from monet.solver.bound import deferrable_bytes
+from monet.solver.ilp import analyse, runs_in_every_forward
 from monet.solver.problem import Problem
-from monet.solver.program import pinned_storages, storage_owner
+from monet.solver.program import storage_owner
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class Relaxation:
                 )
 
         # Memory. ``terms`` holds (column, bytes, first point, last point).
-        live = _runs_in_every_forward(problem, st)
+        live = runs_in_every_forward(problem, st.forward)
         constant = np.zeros(points + 1, dtype=np.int64)  # changes, summed below
         terms: list[tuple[int, int, int, int]] = []
 
@@ -210,7 +211,7 @@ class Relaxation:
             if point >= n_forward or st.forward[point] in live:
                 terms.append((pick[c, k], amount, point, point))
         self.level = np.asarray(st.fixed, dtype=np.int64) + np.cumsum(constant)[:points]
-        self.level -= _skippable_bytes(problem, st, live, pinned_storages(problem))
+        self.level -= deferrable_bytes(problem, st, live)
         load = np.zeros(points + 1, dtype=np.int64)
         for _, amount, lo, hi in terms:
             load[lo] += amount
@@ -277,41 +278,3 @@ class Relaxation:
             for c, count in enumerate(self.alternatives)
         )
         return Relaxed(bound, redo, variants)
-
-
-def _runs_in_every_forward(problem: Problem, st: Structure) -> set[int]:
-    """Forward nodes every schedule runs: the ancestors of the forward's outputs."""
-    nodes = problem.nodes
-    stack = [i for i in st.forward if nodes[i].is_output]
-    live: set[int] = set()
-    while stack:
-        i = stack.pop()
-        if i not in live:
-            live.add(i)
-            stack.extend(nodes[i].inputs)
-    return live
-
-
-def _skippable_bytes(problem: Problem, st: Structure, live: set[int], pinned: set[int]):
-    """Bytes the fixed profile counts in the forward for nodes a schedule may skip.
-
-    The forward runs what its outputs and the saved values need: a node the
-    outputs do not need (a value only the backward reads, dead code) is skipped
-    when its value is recomputed or never read, so a lower bound leaves it out.
-    """
-    nodes, sizes = problem.nodes, problem.storage_bytes
-    f_pos = {node: p for p, node in enumerate(st.forward)}
-    skipped = np.zeros(st.points + 1, dtype=np.int64)
-    touched = {o.node for c in problem.choices for a in c.alternatives for o in a.overrides}
-    dropped = dropped_storages(problem)  # conditional terms already, not fixed bytes
-    for i in st.forward:
-        if i in live:
-            continue
-        if i not in touched:  # a touched node's workspace is a conditional term instead
-            skipped[f_pos[i]] += nodes[i].workspace
-            skipped[f_pos[i] + 1] -= nodes[i].workspace
-        for s in nodes[i].allocates:
-            if s not in pinned and s not in dropped:
-                skipped[f_pos[i]] += sizes[s]
-                skipped[st.forward_death[s] + 1] -= sizes[s]
-    return np.cumsum(skipped)[: st.points]
