@@ -187,6 +187,32 @@ def test_fused_mlp_forward_is_the_captured_step_and_chunks():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+class _MlpThenMax(_TwoMlps):
+    """A max over tokens after the MLPs: its argmax could flip on fc2's rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.gelu(self.norm(x))
+        return self.head((x + self.silu(x)).amax(dim=1))
+
+
+@pytest.mark.parametrize("forward_rounding", [False, True])
+def test_forward_fused_only_where_its_rounding_is_harmless(forward_rounding):
+    from monet.capture import capture
+    from monet.operators import find_sites
+    from monet.operators.mlp import fuse_mlp_backwards, fuse_mlp_forwards
+
+    torch.manual_seed(0)
+    joint = capture(_MlpThenMax(), torch.randn(2, 5, 8, requires_grad=True))
+    assert fuse_mlp_backwards(joint.module) == 2
+    assert fuse_mlp_forwards(joint.module, forward_rounding) == (2 if forward_rounding else 0)
+    names = [a.name for site in find_sites(list(joint.module.graph.nodes), forward_kernels=True)
+             for a in site.alternatives if a.name.startswith("mlp.")]
+    assert names.count("mlp.chunked") == (2 if forward_rounding else 0)
+    default = [a.name for site in find_sites(list(joint.module.graph.nodes))
+               for a in site.alternatives if a.name.startswith("mlp.")]
+    assert "mlp.chunked" not in default  # marked forward_rounding: offered when asked for
+
+
 def test_chunked_mlp_runs_end_to_end_below_the_backward_only_variant(tmp_path):
     """``mlp.chunked`` through optimize: chosen from a schedule file, lowered, run; the
     step equals eager's, the measured peak is the simulated one, and keeping everything
