@@ -88,7 +88,8 @@ def analyse(
         from monet.operators.mlp import fuse_mlp_backwards, fuse_mlp_forwards
 
         fuse_mlp_backwards(joint.module)
-        fuse_mlp_forwards(joint.module, forward_kernels)
+        if forward_kernels:  # mlp.chunked, the variant the fused forward is for
+            fuse_mlp_forwards(joint.module)
     graph = joint.module.graph
     output = graph.output_node()
     outs = list(output.args[0])

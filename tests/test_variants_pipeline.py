@@ -170,7 +170,8 @@ def test_fused_mlp_forward_is_the_captured_step_and_chunks():
             assert all(d.target is operator.getitem for d in dropped)
             assert spec["weight_grad"].args[1] is dropped[1]
         assert [s["fc2_bias"] is None for s in specs] == [True, False]  # backwards: SiLU first
-        alternatives = [a for site in find_sites(list(graph.nodes)) for a in site.alternatives
+        sites = find_sites(list(graph.nodes), forward_kernels=True)
+        alternatives = [a for site in sites for a in site.alternatives
                         if a.name.startswith("mlp.")]
         assert [a.name for a in alternatives] == ["mlp.backward_chunked", "mlp.chunked"] * 2
         chunked = [a for a in alternatives if a.name == "mlp.chunked"]
@@ -187,30 +188,18 @@ def test_fused_mlp_forward_is_the_captured_step_and_chunks():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-class _MlpThenMax(_TwoMlps):
-    """A max over tokens after the MLPs: its argmax could flip on fc2's rounding."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.gelu(self.norm(x))
-        return self.head((x + self.silu(x)).amax(dim=1))
-
-
-@pytest.mark.parametrize("forward_rounding", [False, True])
-def test_forward_fused_only_where_its_rounding_is_harmless(forward_rounding):
-    from monet.capture import capture
-    from monet.operators import find_sites
-    from monet.operators.mlp import fuse_mlp_backwards, fuse_mlp_forwards
-
+@pytest.mark.parametrize("kernel_variants", [False, True])
+def test_forward_fused_and_chunked_only_when_forward_kernels_are_asked_for(kernel_variants):
+    """mlp.chunked rounds fc2's output differently: a forward kernel. Without it the
+    forward stays as captured (a fused forward would only coarsen recomputation)."""
     torch.manual_seed(0)
-    joint = capture(_MlpThenMax(), torch.randn(2, 5, 8, requires_grad=True))
-    assert fuse_mlp_backwards(joint.module) == 2
-    assert fuse_mlp_forwards(joint.module, forward_rounding) == (2 if forward_rounding else 0)
-    names = [a.name for site in find_sites(list(joint.module.graph.nodes), forward_kernels=True)
-             for a in site.alternatives if a.name.startswith("mlp.")]
-    assert names.count("mlp.chunked") == (2 if forward_rounding else 0)
-    default = [a.name for site in find_sites(list(joint.module.graph.nodes))
-               for a in site.alternatives if a.name.startswith("mlp.")]
-    assert "mlp.chunked" not in default  # marked forward_rounding: offered when asked for
+    model, x = _TwoMlps(16, 64), torch.randn(4, 33, 16, requires_grad=True)
+    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=2,
+                             kernel_variants=kernel_variants).last_plan.problem
+    names = [a.name for c in problem.choices for a in c.alternatives]
+    assert names.count("mlp.backward_chunked") == 2
+    assert names.count("mlp.chunked") == (2 if kernel_variants else 0)
+    assert any(n.op.startswith("mlp_forward") for n in problem.nodes) == kernel_variants
 
 
 def test_chunked_mlp_runs_end_to_end_below_the_backward_only_variant(tmp_path):
@@ -221,7 +210,8 @@ def test_chunked_mlp_runs_end_to_end_below_the_backward_only_variant(tmp_path):
     torch.manual_seed(0)
     model, x = _TwoMlps(16, 64), torch.randn(4, 33, 16, requires_grad=True)
     reference = copy.deepcopy(model)
-    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5).last_plan.problem
+    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5,
+                             kernel_variants=True).last_plan.problem
 
     def picking(name):
         return tuple(next((k for k, a in enumerate(c.alternatives) if a.name == name), 0)
@@ -237,7 +227,7 @@ def test_chunked_mlp_runs_end_to_end_below_the_backward_only_variant(tmp_path):
     path = tmp_path / "chunked.json"
     schedule.save(path)
     optimized = monet.optimize(model, schedule.predicted_peak, (x,), schedule=str(path),
-                               timing_repeats=0)
+                               timing_repeats=0, kernel_variants=True)
     report = optimized.report()
     assert set(report.variants.values()) == {"mlp.chunked"}
     assert report.measured_peak == schedule.predicted_peak

@@ -417,14 +417,14 @@ def _forward_nodes(backward: fx.Node, spec: dict):
     return members, inputs, outputs, fc2_bias
 
 
-def fuse_mlp_forwards(module: fx.GraphModule, forward_rounding: bool = False) -> int:
+def fuse_mlp_forwards(module: fx.GraphModule) -> int:
     """Fuse the forward, fc1 to fc2, of every MLP whose backward is fused and that has
     no dropout between the activation and fc2; returns how many.
 
-    Only where ``mlp.chunked`` will be offered: unless ``forward_rounding``, not when
-    a discrete op lies downstream (fc2's output then rounds differently). Elsewhere
-    the fusion would only cost: one coarser op to recompute, ``a`` and ``h`` alive
-    together with fc2's output.
+    For ``mlp.chunked`` only, which rounds fc2's output differently (a forward
+    kernel: offered with ``kernel_variants=True``). The fused default costs where
+    the variant is not picked: its op is recomputed whole (both products), where
+    the captured graph could recompute the activation alone from a kept ``a``.
 
     Run after :func:`fuse_mlp_backwards`. The fused node calls the captured ops (the
     default) and returns ``(a, h2d, fc2's output)``; the backward's
@@ -441,16 +441,12 @@ def fuse_mlp_forwards(module: fx.GraphModule, forward_rounding: bool = False) ->
         if found is None:
             continue
         members, inputs, outputs, fc2_bias = found
-        discrete = _feeds_a_discrete_op(members[-1])
-        if discrete and not forward_rounding:
-            continue
         # Just before fc2, the last member: after every input (fc2's weight may come late).
         with graph.inserting_before(members[-1]):
             fused = graph.call_function(_replay(members, inputs, outputs, "mlp_forward"),
                                         tuple(inputs))
         items = _substitute(graph, fused, members, outputs)
-        spec.update(forward=fused, dropped=tuple(items[:-1]), fc2_bias=fc2_bias,
-                    discrete=discrete)
+        spec.update(forward=fused, dropped=tuple(items[:-1]), fc2_bias=fc2_bias)
         fused_count += 1
     if fused_count:
         graph.lint()
@@ -567,45 +563,8 @@ def mlp_sites(node: fx.Node) -> list[Site]:
         chunked = Rewrite(forward, mlp_forward_chunked, (
             *common, spec["fc2_weight_t"], spec["fc2_bias"], spec["activation"],
             spec["approximate"]))
-        # fc2's output rounds differently by row chunk (about an ulp): harmless unless a
-        # discrete op downstream (a max-pool's argmax) could then decide otherwise.
+        # fc2's output rounds differently by row chunk (about an ulp): a forward kernel.
         alternatives.append(Alternative("mlp.chunked", (*rewrites, chunked),
-                                        drops=spec["dropped"],
-                                        forward_rounding=spec["discrete"]))
+                                        drops=spec["dropped"], forward_rounding=True))
     return [Site(node.name, tuple(alternatives))]
 
-
-_DISCRETE = {
-    aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default,
-    aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default,
-    aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim, aten.max.default,
-    aten.min.default, aten.amax.default, aten.amin.default, aten.kthvalue.default,
-    aten.median.default, aten.median.dim, aten.sort.default, aten.topk.default, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor,
-    aten.ge.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.le.Tensor, aten.le.Scalar,
-    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar,
-}
-
-
-def _feeds_a_discrete_op(start: fx.Node) -> bool:
-    """Whether a forward op downstream of ``start`` picks among values (argmax, compare)."""
-    backward = _backward(start.graph)
-    seen, stack = {start}, [start]
-    while stack:
-        node = stack.pop()
-        if node.target in _DISCRETE:
-            return True
-        for user in node.users:
-            if user not in seen and user not in backward:
-                seen.add(user)
-                stack.append(user)
-    return False
-
-
-def _backward(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes that depend on a tangent (graph.py's split, for one question here)."""
-    result: set[fx.Node] = set()
-    for n in graph.nodes:
-        if (n.op == "placeholder" and n.name.startswith("tangents")) or any(
-                m in result for m in n.all_input_nodes):
-            result.add(n)
-    return result
