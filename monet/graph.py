@@ -80,16 +80,14 @@ def analyse(
 ) -> AnalysedGraph:
     """Phases, storages and flags of every node of ``joint``, and its variant sites.
 
-    With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's forward and
+    With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's
     backward) are first fused into one node each, in ``joint`` itself; that node
     runs the captured ops, so the default step is unchanged.
     """
     if variants:
-        from monet.operators.mlp import fuse_mlp_backwards, fuse_mlp_forwards
+        from monet.operators.mlp import fuse_mlp_backwards
 
         fuse_mlp_backwards(joint.module)
-        if forward_kernels:  # mlp.chunked, the variant the fused forward is for
-            fuse_mlp_forwards(joint.module)
     graph = joint.module.graph
     output = graph.output_node()
     outs = list(output.args[0])
@@ -163,15 +161,6 @@ def analyse(
     frozen = tuple(nodes)
     problem = Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)))
     sites = find_sites(order, lossy, forward_kernels) if variants else []
-    # A rewrite of a forward node may not change what it reads (problem.py).
-    sites = [
-        site for site in sites
-        if all(
-            nodes[index[r.node]].phase == "backward"
-            or set(r.inputs()) == set(r.node.all_input_nodes)
-            for a in site.alternatives for r in a.rewrites
-        )
-    ]
     return AnalysedGraph(joint, order, index, problem, mutated, sites)
 
 

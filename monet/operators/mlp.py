@@ -17,10 +17,10 @@ tokens at a time, so no full-width value exists in the backward, for two
 more runs of fc1. Dropout between the activation and fc2 is replayed from its
 kept mask.
 
-Without dropout the forward is fused too (:func:`fuse_mlp_forwards`, fc1 to
-fc2 as one node), and a second variant runs it a chunk at a time as well
-(:func:`mlp_forward_chunked`): ``a`` and ``h`` are then never whole, not even
-transiently, and the node returns empty tensors in their place.
+Without dropout a second variant, ``mlp.chunked``, runs the forward a chunk
+at a time as well: fc2 computes its output from ``x`` (:func:`mlp_forward_chunked`),
+and fc1, the activation and their views hold empty tensors, so ``a`` and
+``h`` are never whole, not even for a moment (the problem's ``drops``).
 
 Results equal aten's up to float rounding: a matrix product over a chunk of
 rows, and a weight gradient summed over chunks, round differently.
@@ -357,7 +357,7 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
             "weight_grad": m.weight_grad, "grad2d": grad2d, "x2d": m.x2d,
             "weight_t": m.weight_t, "bias": m.bias, "fc2_weight_t": m.fc2_weight_t,
             "activation": m.activation,
-            "approximate": m.approximate, "factors": m.factors,
+            "approximate": m.approximate, "factors": m.factors, "a": m.a,
         }
         fused_count += 1
     if fused_count:
@@ -366,92 +366,47 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
     return fused_count
 
 
-def _forward_nodes(backward: fx.Node, spec: dict):
-    """The forward ops of the MLP whose fused backward is ``backward``, or None:
-    (members in graph order, their inputs, outputs, fc2's bias).
+def _forward_chain(spec: dict) -> list[fx.Node] | None:
+    """The forward ops of an MLP without dropout, fc1 to fc2, or None:
+    ``fc1`` → (views) → the activation → (views) → ``h2d`` → ``fc2``.
 
-    fc1's ``addmm``/``mm`` → (views) → ``a`` → the activation → (views) → ``h2d`` →
-    fc2's ``addmm``/``mm``. The outputs are ``a`` (read by ``backward``), ``h2d``
-    (read by fc2's weight gradient) and fc2's output: under the chunked forward the
-    first two are empty, so nothing else may read them, nor any other member.
+    Under ``mlp.chunked`` fc2 computes the rest itself from ``x``, so every node
+    before it holds an empty value: none may be read by anything else than the
+    chain, the fused backward (``a``) and fc2's weight gradient (``h2d``).
     """
-    weight_grad = spec["weight_grad"]
+    if spec["factors"]:
+        return None
+    weight_grad, backward = spec["weight_grad"], spec["backward"]
     h2d = weight_grad.args[1]
-    act = h2d
-    while isinstance(act, fx.Node) and act.target in _VIEWS:
-        act = act.args[0]
-    activation = aten.gelu.default if spec["activation"] == "gelu" else aten.silu.default
-    if act is h2d or not isinstance(act, fx.Node) or act.target is not activation:
-        return None
-    a = act.args[0]
-    fc1_node = _source(a)
-    if (not isinstance(a, fx.Node) or a not in backward.all_input_nodes
-            or _fc1(fc1_node) != (spec["x2d"], spec["weight_t"], spec["bias"])):
-        return None
     fc2_nodes = [u for u in h2d.users if u is not weight_grad]
-    fc2 = _fc1(fc2_nodes[0]) if len(fc2_nodes) == 1 else None
-    if fc2 is None or fc2[0] is not h2d or fc2[1] is not spec["fc2_weight_t"]:
+    if len(fc2_nodes) != 1 or _fc1(fc2_nodes[0]) is None:
         return None
-    fc2_node, fc2_bias = fc2_nodes[0], fc2[2]
-    members = [fc2_node]
-    node = h2d
-    while node is not fc1_node:  # h2d's views back to the activation, it, a's views
-        members.append(node)
+    chain, node = [fc2_nodes[0]], h2d
+    activation = aten.gelu.default if spec["activation"] == "gelu" else aten.silu.default
+    while isinstance(node, fx.Node) and node.target in (*_VIEWS, activation):
+        chain.append(node)
         node = node.args[0]
-    members.append(fc1_node)
-    members.reverse()
-    inner = set(members)
-    outputs = [a, h2d, fc2_node]
-    readers = {a: {backward}, h2d: {weight_grad}, fc2_node: None}
-    for n in members:
-        outside = set(n.users) - inner
-        allowed = readers.get(n, set())
-        if allowed is not None and not outside <= allowed:
-            return None
-    inputs = list(dict.fromkeys(
-        i for n in members for i in n.all_input_nodes if i not in inner
-    ))
-    expected = {spec["x2d"], spec["weight_t"], spec["bias"], spec["fc2_weight_t"], fc2_bias}
-    if set(inputs) != expected - {None} or any(spec[k] in inner for k in ("grad2d", "weight_grad")):
+    if node is not _source(spec["a"]) or _fc1(node) != (spec["x2d"], spec["weight_t"],
+                                                       spec["bias"]):
         return None
-    return members, inputs, outputs, fc2_bias
+    chain.append(node)
+    chain.reverse()
+    if [n.target for n in chain].count(activation) != 1:
+        return None
+    allowed = {*chain, backward, weight_grad}
+    if any(not set(n.users) <= allowed for n in chain[:-1]):
+        return None
+    return chain
 
 
-def fuse_mlp_forwards(module: fx.GraphModule) -> int:
-    """Fuse the forward, fc1 to fc2, of every MLP whose backward is fused and that has
-    no dropout between the activation and fc2; returns how many.
+def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """What a node ``mlp.chunked`` skips holds: nothing (nothing reads it)."""
+    return torch.empty(0, dtype=dtype, device=device)
 
-    For ``mlp.chunked`` only, which rounds fc2's output differently (a forward
-    kernel: offered with ``kernel_variants=True``). The fused default costs where
-    the variant is not picked: its op is recomputed whole (both products), where
-    the captured graph could recompute the activation alone from a kept ``a``.
 
-    Run after :func:`fuse_mlp_backwards`. The fused node calls the captured ops (the
-    default) and returns ``(a, h2d, fc2's output)``; the backward's
-    ``meta["monet_mlp"]`` gains ``"forward"`` (the node), ``"dropped"`` (the getitems
-    of ``a`` and ``h2d``, which the chunked forward never computes) and ``"fc2_bias"``.
-    """
-    graph = module.graph
-    fused_count = 0
-    for node in list(graph.nodes):
-        spec = node.meta.get("monet_mlp")
-        if spec is None or spec["factors"] or "forward" in spec:
-            continue
-        found = _forward_nodes(node, spec)
-        if found is None:
-            continue
-        members, inputs, outputs, fc2_bias = found
-        # Just before fc2, the last member: after every input (fc2's weight may come late).
-        with graph.inserting_before(members[-1]):
-            fused = graph.call_function(_replay(members, inputs, outputs, "mlp_forward"),
-                                        tuple(inputs))
-        items = _substitute(graph, fused, members, outputs)
-        spec.update(forward=fused, dropped=tuple(items[:-1]), fc2_bias=fc2_bias)
-        fused_count += 1
-    if fused_count:
-        graph.lint()
-        module.recompile()
-    return fused_count
+def _same(value: torch.Tensor) -> torch.Tensor:
+    """A view of a skipped value: the same empty tensor."""
+    return value
 
 
 def mlp_weight_grad_recompute(
@@ -527,19 +482,16 @@ def mlp_forward_chunked(
     activation: str,
     approximate: str,
     chunks: int = CHUNKS,
-) -> tuple[torch.Tensor, ...]:
-    """The fused MLP forward a chunk of tokens at a time: no full-width value is ever whole.
-
-    Returns what the captured ops return, with empty tensors in place of ``a`` and
-    ``h2d`` (the chunked backward reads ``x`` instead), then fc2's output (tokens × out).
-    """
+) -> torch.Tensor:
+    """fc2's output (tokens × out) computed from ``x`` a chunk of tokens at a time:
+    fc1, the activation and fc2 per chunk, so no full-width value is ever whole."""
     out = x2d.new_empty(x2d.shape[0], fc2_weight_t.shape[1])
     for rows in _rows(x2d.shape[0], chunks):
         h = _activate(_pre_activation(x2d, weight_t, bias, rows), activation, approximate)
         out[rows] = torch.mm(h, fc2_weight_t) if fc2_bias is None else torch.addmm(
             fc2_bias, h, fc2_weight_t)
         del h
-    return x2d.new_empty(0), x2d.new_empty(0), out
+    return out
 
 
 def mlp_sites(node: fx.Node) -> list[Site]:
@@ -557,14 +509,59 @@ def mlp_sites(node: fx.Node) -> list[Site]:
             spec["approximate"], spec["factors"])),
     )
     alternatives = [Alternative("mlp.backward_chunked", rewrites)]
-    forward = spec.get("forward")
-    if forward is not None:
-        # The same set of inputs as the fused forward: x, fc1's weight and bias, fc2's.
-        chunked = Rewrite(forward, mlp_forward_chunked, (
-            *common, spec["fc2_weight_t"], spec["fc2_bias"], spec["activation"],
-            spec["approximate"]))
-        # fc2's output rounds differently by row chunk (about an ulp): a forward kernel.
-        alternatives.append(Alternative("mlp.chunked", (*rewrites, chunked),
-                                        drops=spec["dropped"], forward_rounding=True))
+    chain = _forward_chain({**spec, "backward": node})
+    if chain is not None:
+        *skipped, fc2 = chain
+        forward = []
+        for n in skipped:
+            if n.target in _VIEWS:
+                forward.append(Rewrite(n, _same, (n.args[0],)))
+            else:  # fc1 and the activation: their values are never made
+                value = n.meta["val"]
+                forward.append(Rewrite(n, _empty, (value.dtype, value.device)))
+        forward.append(Rewrite(fc2, mlp_forward_chunked, (
+            *common, spec["fc2_weight_t"], _fc1(fc2)[2], spec["activation"],
+            spec["approximate"])))
+        # fc2's output rounds differently by row chunk (about an ulp): harmless unless a
+        # discrete op downstream (a max-pool's argmax) could then decide otherwise.
+        alternatives.append(Alternative(
+            "mlp.chunked", (*rewrites, *forward),
+            drops=tuple(n for n in skipped if n.target not in _VIEWS),
+            forward_rounding=_feeds_a_discrete_op(fc2)))
     return [Site(node.name, tuple(alternatives))]
 
+
+_DISCRETE = {
+    aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default,
+    aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default,
+    aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim, aten.max.default,
+    aten.min.default, aten.amax.default, aten.amin.default, aten.kthvalue.default,
+    aten.median.default, aten.median.dim, aten.sort.default, aten.topk.default,
+    aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.le.Tensor, aten.le.Scalar,
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar,
+}
+
+
+def _feeds_a_discrete_op(start: fx.Node) -> bool:
+    """Whether a forward op downstream of ``start`` picks among values (argmax, compare)."""
+    backward = _backward(start.graph)
+    seen, stack = {start}, [start]
+    while stack:
+        node = stack.pop()
+        if node.target in _DISCRETE:
+            return True
+        for user in node.users:
+            if user not in seen and user not in backward:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def _backward(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that depend on a tangent (graph.py's split, for one question here)."""
+    result: set[fx.Node] = set()
+    for n in graph.nodes:
+        if (n.op == "placeholder" and n.name.startswith("tangents")) or any(
+                m in result for m in n.all_input_nodes):
+            result.add(n)
+    return result

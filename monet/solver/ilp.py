@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from monet.solver.problem import Problem, alternative_nodes
+from monet.solver.problem import Problem, alternative_nodes, unrecomputed_ops
 from monet.solver.program import node_owner, pinned_storages, storage_owner
 
 TIME_SCALE = 1e9
@@ -76,8 +76,11 @@ class Structure:
     redo_workspace: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
     """Op whose node is touched → (choice, workspace per alternative) of its recomputation."""
     no_redo: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    """Op → the (choice, alternative) picks under which it is not recomputed (they drop
-    its storages: an alternative's forward-only output is never rebuilt)."""
+    """Op → the (choice, alternative) picks under which it is not recomputed
+    (:func:`monet.solver.problem.unrecomputed_ops`)."""
+    extensions: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    """(choice, alternative, storage, first, last forward point): the picked alternative
+    reads the storage in the forward that late; live there unless kept."""
 
 
 def analyse(problem: Problem) -> Structure:
@@ -128,7 +131,11 @@ def analyse(problem: Problem) -> Structure:
     deferred = deferred_views(problem, forward, live)
     for i in forward:
         n = nodes[i]
-        if i not in deferred:
+        if i in touched:  # what it reads depends on the choice: _forward_extensions
+            for s in n.storages:
+                if s in decision_set:
+                    forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
+        elif i not in deferred:
             for s in n.storages:
                 if s in decision_set:
                     forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
@@ -147,6 +154,8 @@ def analyse(problem: Problem) -> Structure:
         if i not in touched:
             fixed[f_pos[i]] += n.workspace
     dropped = dropped_storages(problem)
+    extensions, shared = _forward_extensions(problem, f_pos, decision_set, dropped,
+                                             forward_death)
     for s in decision:
         if s not in dropped:
             add(f_pos[owner[s]], forward_death[s], sizes[s])
@@ -200,7 +209,8 @@ def analyse(problem: Problem) -> Structure:
     structure = Structure(
         forward, backward, points, fixed, decision, ops, outputs_of, forward_death,
         first_read, last_read, recompute_reads, readers, recomputable, cost, workspace,
-        exact=all(i in live or i in deferred for i in forward),
+        exact=all(i in live or i in deferred for i in forward) and not shared,
+        extensions=extensions,
     )
     if problem.choices:
         _add_choices(problem, structure, owner_of, f_pos, b_pos, decision_set)
@@ -211,10 +221,53 @@ def analyse(problem: Problem) -> Structure:
                     structure.conditional_workspace += [
                         (c, k, p, sizes[s]) for p in range(f_pos[owner[s]], forward_death[s] + 1)
                     ]
-            if owner[s] in recomputable:
-                no_redo = structure.no_redo.setdefault(owner[s], [])
-                no_redo += [(c, k) for k in sorted(dropping) if (c, k) not in no_redo]
+        for c, choice in enumerate(problem.choices):
+            for k, alternative in enumerate(choice.alternatives):
+                for a in sorted(unrecomputed_ops(problem, alternative) & recomputable):
+                    structure.no_redo.setdefault(a, []).append((c, k))
     return structure
+
+
+def _forward_extensions(problem: Problem, f_pos, decision_set: set[int], dropped,
+                        forward_death: dict[int, int]):
+    """How long the forward holds each storage that an overridden forward node reads.
+
+    ``forward_death`` (from the other readers) is raised to the least reach over the
+    alternatives; where an alternative reaches further, (choice, alternative,
+    storage, first point, last point) is an extension, live when that alternative
+    is picked and the storage is not kept (kept, it is live from there anyway).
+    Returns the extensions and whether some storage is extended by two choices
+    (then each is raised to the furthest reach, and the model over-counts).
+    """
+    nodes = problem.nodes
+    reach: dict[int, dict[int, list[int]]] = {}  # storage → choice → reach per alternative
+    for c, choice in enumerate(problem.choices):
+        per_alternative = alternative_nodes(problem, choice)
+        for k, effective in enumerate(per_alternative):
+            empty = set(choice.alternatives[k].drops)
+            for i, o in effective.items():
+                if i not in f_pos:
+                    continue
+                for s in {s for j in o.inputs for s in nodes[j].storages}:
+                    if s in decision_set and s not in empty:
+                        reaches = reach.setdefault(s, {}).setdefault(
+                            c, [-1] * len(per_alternative))
+                        reaches[k] = max(reaches[k], f_pos[i])
+    extensions: list[tuple[int, int, int, int, int]] = []
+    shared = False
+    for s, by_choice in reach.items():
+        if len(by_choice) > 1:
+            shared = True
+            forward_death[s] = max(forward_death.get(s, -1),
+                                   *(r for reaches in by_choice.values() for r in reaches))
+            continue
+        ((c, reaches),) = by_choice.items()
+        filling = [r for k, r in enumerate(reaches)
+                   if k not in dropped.get(s, (c, set()))[1]]
+        base = max(forward_death.get(s, -1), min(filling, default=-1))
+        forward_death[s] = base
+        extensions += [(c, k, s, base + 1, r) for k, r in enumerate(reaches) if r > base]
+    return extensions, shared
 
 
 def runs_in_every_forward(problem: Problem, forward: list[int]) -> set[int]:
@@ -447,6 +500,12 @@ def solve_cpsat(
             )
         )
         demands.append(sizes[s])
+    for c, k, s, first, last in st.extensions:
+        # The picked alternative reads s in the forward until ``last``: live unless kept.
+        extended = both(pick[c, k], keep[s].Not(), f"ext{s}_{k}")
+        intervals.append(model.NewOptionalFixedSizeIntervalVar(
+            first, last - first + 1, extended, f"ext{s}_{c}_{k}"))
+        demands.append(sizes[s])
     for a in st.ops:
         if st.workspace[a] and backward_points:
             start = model.NewIntVar(n_forward, last_point, f"wsstart{a}")
@@ -473,6 +532,7 @@ def solve_cpsat(
         most = sum(sizes) + max(st.fixed, default=0) + sum(st.workspace.values())
         most += sum(amount for *_, amount in st.conditional_workspace)
         most += sum(sum(amounts) for _, amounts in st.redo_workspace.values())
+        most += sum(sizes[s] for _, _, s, _, _ in st.extensions)
         capacity = model.NewIntVar(0, most, "capacity")
         model.AddCumulative(intervals, demands, capacity)
         model.Minimize(capacity)

@@ -251,6 +251,13 @@ def solve_milp(
     workspace_at: dict[int, Expr] = {}
     for c, k, point, amount in st.conditional_workspace:
         workspace_at[point] = _sum(workspace_at.get(point), {pick[c, k]: float(amount)})
+    for c, k, s, first, last in st.extensions:
+        # The picked alternative reads s in the forward until ``last``: z ≥ pick - keep.
+        extended = m.column(False)
+        m.row(_sum({extended: 1.0, pick[c, k]: -1.0}, {keep[s]: 1.0} if s in keep else None),
+              lower=0.0)
+        for p in range(first, last + 1):
+            workspace_at[p] = _sum(workspace_at.get(p), {extended: float(sizes[s])})
     for p in range(n_forward):
         terms = {keep[s]: float(sizes[s]) for s in keep if st.forward_death[s] < p}
         memory_row(_sum(terms, workspace_at.get(p)), p)

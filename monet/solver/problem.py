@@ -65,7 +65,7 @@ class Override:
 
     node: int
     inputs: tuple[int, ...]
-    """The values it reads instead (a backward node may read other forward values)."""
+    """The values it reads instead (other forward or input values, the same backward ones)."""
     time: float
     workspace: int
 
@@ -205,8 +205,8 @@ class Problem:
                 )
             for s in alternative.drops:
                 sizes[s] = 0
-                owner = self.storage_owner()[s]
-                nodes[owner] = replace(nodes[owner], recomputable=False)
+            for a in unrecomputed_ops(self, alternative):
+                nodes[a] = replace(nodes[a], recomputable=False)
         return replace(self, nodes=tuple(nodes), storage_bytes=tuple(sizes), choices=())
 
     def storage_owner(self) -> dict[int, int]:
@@ -216,6 +216,19 @@ class Problem:
             owner = {s: i for i, n in enumerate(self.nodes) for s in n.allocates}
             object.__setattr__(self, "_storage_owner", owner)
         return owner
+
+
+def unrecomputed_ops(problem: Problem, alternative: Alternative) -> set[int]:
+    """Ops ``alternative`` runs in the forward only: those whose storages it drops, and
+    those whose forward node it makes read other values (recomputing one would
+    need the reads of the alternative; the program gives it none)."""
+    owner = problem.storage_owner()
+    ops = {owner[s] for s in alternative.drops}
+    for o in alternative.overrides:
+        n = problem.nodes[o.node]
+        if n.phase == "forward" and set(o.inputs) != set(n.inputs):
+            ops.update(owner[s] for s in n.storages)
+    return ops
 
 
 def alternative_nodes(problem: Problem, choice: Choice) -> list[dict[int, Override]]:
@@ -330,9 +343,9 @@ def validate(problem: Problem) -> None:
 def _validate_choices(problem: Problem) -> None:
     """Alternatives may change what a node reads, never what it allocates or aliases.
 
-    A forward node keeps its reads (so the forward's liveness is fixed); a
-    backward node may read other forward or input values but the same backward
-    values (so the backward's own storages die where they did).
+    A node may read other forward or input values (a forward one then holds
+    them longer, and its op is not recomputed under that alternative), but the
+    same backward values (so the backward's own storages die where they did).
     """
     nodes = problem.nodes
     claimed: dict[int, int] = {}
@@ -360,12 +373,10 @@ def _validate_choices(problem: Problem) -> None:
                     raise ValueError(f"{at}: time and workspace must be finite and >= 0")
                 if any(not 0 <= j < o.node for j in o.inputs):
                     raise ValueError(f"{at}.inputs must be earlier nodes")
-                if n.phase == "forward" and set(o.inputs) != set(n.inputs):
-                    raise ValueError(f"{at}: a forward variant must read what the node reads")
                 if _backward_reads(nodes, o.inputs) != _backward_reads(nodes, n.inputs):
                     raise ValueError(f"{at}: a variant must read the same backward values")
                 held = {s for j in o.inputs for s in nodes[j].storages}
-                if not set(n.storages) - set(n.allocates) <= held:
+                if not set(n.storages) - set(n.allocates) - set(alternative.drops) <= held:
                     raise ValueError(f"{at}: the node aliases a storage its new inputs lack")
             if alternative.drops:
                 _validate_drops(problem, f"{where}.alternatives[{k}] ({alternative.name})",
@@ -387,7 +398,8 @@ def _validate_choices(problem: Problem) -> None:
 
 def _validate_drops(problem: Problem, at: str, alternative: Alternative) -> None:
     """A dropped storage is a forward op's own, read (under this alternative) by no node
-    but that op's views (and theirs): an empty tensor never reaches a kernel."""
+    but that op's views (and theirs) and values dropped themselves: an empty tensor
+    never reaches a kernel that needs its elements."""
     nodes = problem.nodes
     owner = problem.storage_owner()
     overridden = {o.node: o for o in alternative.overrides}
@@ -408,8 +420,8 @@ def _validate_drops(problem: Problem, at: str, alternative: Alternative) -> None
         hit = dropped & set(n.storages)
         if hit and n.is_output:
             raise ValueError(f"{at}.drops: storage {min(hit)} leaves the step (nodes[{i}])")
-        if i in views:
-            continue
+        if i in views or (n.storages and set(n.storages) <= dropped):
+            continue  # a value that is empty itself may read empty ones
         inputs = overridden[i].inputs if i in overridden else n.inputs
         holders = [j for j in inputs if dropped & set(nodes[j].storages)]
         if not holders:

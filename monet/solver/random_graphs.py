@@ -148,26 +148,46 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3) -> Prob
 
 
 def _dropping_alternative(nodes, i: int, claimed: set[int], rng) -> Alternative | None:
-    """An alternative of forward op ``i`` that never fills its storage, or None when a
-    forward op (not a view of it) reads it or a node it would override is taken."""
+    """An alternative of forward op ``i`` that never fills its storage, or None.
+
+    With no forward op reading ``i`` (or its views), ``i`` runs another way
+    (``unfilled``); with one, that op computes ``i``'s part itself from ``i``'s
+    inputs and ``i`` is skipped (``fused``, as a forward-chunked MLP's fc2 does
+    fc1 and the activation). Backward readers read ``i``'s inputs instead.
+    """
     n = nodes[i]
     if n.is_output or not n.inputs:
         return None
-    held = {i}
+    held, fusing = {i}, []
     for r, m in enumerate(nodes):
         if m.phase == "forward" and held & set(m.inputs):
             if m.allocates:
-                return None
-            held.add(r)
+                fusing.append(r)
+            else:
+                held.add(r)
+    if len(fusing) > 1:
+        return None
     backward = [r for r, m in enumerate(nodes)
                 if m.phase == "backward" and held & set(m.inputs)]
-    if claimed & {i, *backward}:
+    if claimed & {*held, *fusing, *backward}:
         return None
-    overrides = [Override(i, n.inputs, n.time * rng.uniform(0.5, 1.5), rng.choice((0, 2048)))]
-    for r in backward:
-        m = nodes[r]
-        inputs = tuple(dict.fromkeys(
+
+    def rerouted(m: Node) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(
             k for j in m.inputs for k in ((*n.inputs,) if j in held else (j,))
         ))
-        overrides.append(Override(r, inputs, m.time * rng.uniform(1.0, 1.5), 0))
-    return Alternative("unfilled", tuple(overrides), drops=n.allocates)
+
+    if fusing:
+        (r,) = fusing
+        overrides = [Override(i, (), 0.0, 0)]
+        overrides += [Override(v, nodes[v].inputs, 0.0, 0) for v in sorted(held - {i})]
+        overrides.append(Override(r, rerouted(nodes[r]),
+                                  nodes[r].time + n.time * rng.uniform(0.6, 1.2),
+                                  rng.choice((0, 2048))))
+    else:
+        overrides = [Override(i, n.inputs, n.time * rng.uniform(0.5, 1.5),
+                              rng.choice((0, 2048)))]
+    for b in backward:
+        overrides.append(Override(b, rerouted(nodes[b]), nodes[b].time * rng.uniform(1.0, 1.5),
+                                  0))
+    return Alternative("fused" if fusing else "unfilled", tuple(overrides), drops=n.allocates)

@@ -210,6 +210,12 @@ class Relaxation:
         for c, k, point, amount in st.conditional_workspace:
             if point >= n_forward or st.forward[point] in live:
                 terms.append((pick[c, k], amount, point, point))
+        for c, k, s, first, last in st.extensions:
+            if st.forward[last] not in live:
+                continue  # a reader no output needs may be skipped, its read with it
+            z = self._column(0.0)  # z ≥ pick - keep: read that late, and not kept
+            self.logic.append(([(z, 1.0), (pick[c, k], -1.0), (keep[s], 1.0)], 0.0, math.inf))
+            terms.append((z, sizes[s], first, last))
         self.level = np.asarray(st.fixed, dtype=np.int64) + np.cumsum(constant)[:points]
         self.level -= deferrable_bytes(problem, st, live)
         load = np.zeros(points + 1, dtype=np.int64)
