@@ -223,6 +223,28 @@ def test_chunked_mlp_runs_end_to_end_below_the_backward_only_variant(tmp_path):
     assert_same_step(optimized, model, reference, x, {"rtol": 1e-4, "atol": 1e-5})
 
 
+def test_a_vit_with_dropout_zero_gets_the_chunked_mlp(tmp_path):
+    """nn.Dropout(0.0) in training captures as a copy between the activation and fc2:
+    the MLP is still matched, and mlp.chunked (skipping the copy too) runs end to end."""
+    from monet.models import create
+
+    torch.manual_seed(0)
+    model = create("vit_tiny_test", image_size=32, depth=2, dropout=0.0)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=2).last_plan.problem
+    chunked = tuple(next((k for k, a in enumerate(c.alternatives) if a.name == "mlp.chunked"), 0)
+                    for c in problem.choices)
+    assert sum(map(bool, chunked)) == 2
+    schedule = keep_all(problem, chunked)
+    path = tmp_path / "chunked.json"
+    schedule.save(path)
+    optimized = monet.optimize(model, schedule.predicted_peak, (x,), schedule=str(path),
+                               timing_repeats=0)
+    assert optimized.report().measured_peak == schedule.predicted_peak
+    assert_same_step(optimized, model, reference, x, {"rtol": 1e-4, "atol": 1e-5})
+
+
 def test_schedule_with_wrong_variants_is_refused(tmp_path):
     from monet.solver import ProblemFileError, Schedule
 

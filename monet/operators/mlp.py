@@ -127,6 +127,9 @@ def _to_fc2(start: fx.Node, depends):
             factors.append(other)
             node = user
             continue
+        if user.target is aten.clone.default and len(user.args) == 1:
+            node = user  # nn.Dropout(0.0) in training: a copy, no factor
+            continue
         if user.target in _VIEWS and user.meta["val"].dim() == 2:
             return factors, user
         return None
@@ -383,7 +386,8 @@ def _forward_chain(spec: dict) -> list[fx.Node] | None:
         return None
     chain, node = [fc2_nodes[0]], h2d
     activation = aten.gelu.default if spec["activation"] == "gelu" else aten.silu.default
-    while isinstance(node, fx.Node) and node.target in (*_VIEWS, activation):
+    while isinstance(node, fx.Node) and node.target in (*_VIEWS, aten.clone.default,
+                                                        activation):
         chain.append(node)
         node = node.args[0]
     if node is not _source(spec["a"]) or _fc1(node) != (spec["x2d"], spec["weight_t"],
@@ -516,7 +520,7 @@ def mlp_sites(node: fx.Node) -> list[Site]:
         for n in skipped:
             if n.target in _VIEWS:
                 forward.append(Rewrite(n, _same, (n.args[0],)))
-            else:  # fc1 and the activation: their values are never made
+            else:  # fc1, the activation (and a dropout-0 copy): their values are never made
                 value = n.meta["val"]
                 forward.append(Rewrite(n, _empty, (value.dtype, value.device)))
         forward.append(Rewrite(fc2, mlp_forward_chunked, (
