@@ -292,8 +292,7 @@ def _structure(nodes: list[fx.Node], inputs: list[fx.Node]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
-            name: str = "mlp_backward"):
+def _replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):
     """A function running ``nodes`` (in graph order) on ``inputs``, returning ``outputs``:
     the captured ops themselves, so the fused default is bit for bit the unfused graph."""
     graph = fx.Graph()
@@ -303,31 +302,11 @@ def _replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
     graph.output(tuple(env[n] for n in outputs))
     module = fx.GraphModule(torch.nn.Module(), graph)
 
-    def replay(*tensors):
+    def mlp_backward(*tensors):
         return module(*tensors)
 
-    replay.__name__ = name
-    replay.__qualname__ = f"{name}[{_structure(nodes, inputs)}]"
-    return replay
-
-
-def _substitute(graph: fx.Graph, fused: fx.Node, members: list[fx.Node],
-                outputs: list[fx.Node]) -> list[fx.Node]:
-    """Readers of ``outputs`` read ``fused``'s items instead; ``members`` are erased.
-    Returns the items (getitems), in the order of ``outputs``."""
-    fused.meta["val"] = tuple(o.meta["val"] for o in outputs)
-    items = []
-    with graph.inserting_after(fused):
-        for k, output in reversed(list(enumerate(outputs))):
-            item = graph.call_function(operator.getitem, (fused, k))
-            item.meta["val"] = output.meta["val"]
-            items.append(item)
-    items.reverse()
-    for output, item in zip(outputs, items, strict=True):
-        output.replace_all_uses_with(item)  # members too: they are erased next
-    for n in reversed(members):
-        graph.erase_node(n)
-    return items
+    mlp_backward.__qualname__ = f"mlp_backward[{_structure(nodes, inputs)}]"
+    return mlp_backward
 
 
 def fuse_mlp_backwards(module: fx.GraphModule) -> int:
@@ -355,13 +334,23 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
         anchor = max([*inputs, m.weight_grad], key=order.__getitem__)
         with graph.inserting_after(anchor):
             fused = graph.call_function(_replay(members, inputs, outputs), tuple(inputs))
-        _substitute(graph, fused, members, outputs)
+        fused.meta["val"] = tuple(o.meta["val"] for o in outputs)
         fused.meta["monet_mlp"] = {
             "weight_grad": m.weight_grad, "grad2d": grad2d, "x2d": m.x2d,
             "weight_t": m.weight_t, "bias": m.bias, "fc2_weight_t": m.fc2_weight_t,
             "activation": m.activation,
             "approximate": m.approximate, "factors": m.factors, "a": m.a,
         }
+        with graph.inserting_after(fused):
+            items = []
+            for k, output in enumerate(outputs):
+                item = graph.call_function(operator.getitem, (fused, k))
+                item.meta["val"] = output.meta["val"]
+                items.append(item)
+        for output, item in zip(outputs, items, strict=True):
+            output.replace_all_uses_with(item)
+        for n in reversed(members):
+            graph.erase_node(n)
         fused_count += 1
     if fused_count:
         graph.lint()
