@@ -19,7 +19,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from monet.solver.ilp import Structure, analyse, dropped_storages, runs_in_every_forward
+from monet.solver.ilp import (
+    Structure,
+    analyse,
+    dropped_storages,
+    runs_in_every_forward,
+    touched_nodes,
+)
 from monet.solver.problem import Problem, alternative_nodes
 from monet.solver.program import storage_owner
 
@@ -77,7 +83,7 @@ def deferrable_bytes(problem: Problem, st: Structure, live: set[int] | None = No
     f_pos = {node: p for p, node in enumerate(st.forward)}
     owner = storage_owner(problem)
     dropped = dropped_storages(problem)  # conditional terms, never fixed bytes
-    touched = {o.node for c in problem.choices for a in c.alternatives for o in a.overrides}
+    touched = touched_nodes(problem)
     skipped = np.zeros(st.points + 1, dtype=np.int64)
 
     def leave_out(start: int, stop: int, amount: int) -> None:

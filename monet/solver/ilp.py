@@ -131,23 +131,12 @@ def analyse(problem: Problem) -> Structure:
     deferred = deferred_views(problem, forward, live)
     for i in forward:
         n = nodes[i]
-        if i in touched:  # what it reads depends on the choice: _forward_extensions
-            for s in n.storages:
-                if s in decision_set:
-                    forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
-        elif i not in deferred:
-            for s in n.storages:
-                if s in decision_set:
-                    forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
-            for k in n.inputs:
-                for s in nodes[k].storages:
-                    if s in decision_set:
-                        forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
-        else:
-            for k in n.inputs:
-                for s in nodes[k].storages:
-                    if s in decision_set and s not in n.storages:
-                        forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
+        held = set() if i in deferred and i not in touched else set(n.storages)
+        if i not in touched:  # a touched node's reads depend on the choice: _forward_extensions
+            held |= {s for k in n.inputs for s in nodes[k].storages} - (
+                set(n.storages) if i in deferred else set())
+        for s in held & decision_set:
+            forward_death[s] = max(forward_death.get(s, -1), f_pos[i])
         for s in n.allocates:
             if s in pinned:
                 add(f_pos[i], end_point, sizes[s])

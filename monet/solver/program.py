@@ -55,8 +55,8 @@ def pinned_storages(problem: Problem) -> set[int]:
 
 
 def storage_owner(problem: Problem) -> dict[int, int]:
-    """Storage index → index of the node that allocates it."""
-    return {s: i for i, n in enumerate(problem.nodes) for s in n.allocates}
+    """Storage index → index of the node that allocates it (cached on the problem)."""
+    return problem.storage_owner()
 
 
 def node_owner(problem: Problem, pinned: set[int], owner: dict[int, int]) -> dict[int, int]:
