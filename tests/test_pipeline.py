@@ -68,8 +68,10 @@ def test_matches_eager_within_budget(name, budget, tmp_path_factory):
             assert report.recomputed == 0
 
     # Operator variants (a norm's backward from its output, another kernel) round
-    # differently; without them the step is eager's arithmetic.
-    close = {"rtol": 1e-4, "atol": 1e-6} if report.variants else {"rtol": 1e-5, "atol": 1e-7}
+    # differently; without them the step is eager's arithmetic. Rebuilding several
+    # batch norms' inputs moves the stem's weight gradient (up to ~3) by up to 2e-6
+    # near zero: the tolerance of tests/test_variants_pipeline.py.
+    close = {"rtol": 1e-4, "atol": 1e-5} if report.variants else {"rtol": 1e-5, "atol": 1e-7}
     assert_same_step(optimized, model, reference, x, close)
 
 
