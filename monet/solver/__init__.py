@@ -19,6 +19,7 @@ from monet.solver.coarsen import coarsen
 from monet.solver.heuristic import (
     Candidate,
     best_within,
+    exchange,
     fastest_variants,
     fit_and_trim,
     least_peak,
@@ -58,6 +59,8 @@ SCAN_SHARE = 0.2
 FIT_SHARE = 0.3
 """Share of ``solve``'s time limit for bringing the least-peak start within the budget
 when nothing fits."""
+EXCHANGE_SHARE = 0.35
+"""Share of ``solve``'s time limit for the exchange search on the best start that fits."""
 MIN_EXACT_SECONDS = 0.5
 """Below this much time left, the exact back end is not started (building its model alone
 takes longer on the zoo's graphs); the best heuristic schedule is returned with its bound."""
@@ -252,6 +255,9 @@ def solve(
         start = _fit(problem, least_peak(candidates + repaired), budget,
                      min(deadline, time.perf_counter() + FIT_SHARE * time_limit))
     if start is not None:
+        # Trade expensive recomputations for cheaper ones on the model's peak.
+        exchange_until = min(deadline, time.perf_counter() + EXCHANGE_SHARE * time_limit)
+        start = exchange(problem, start, budget, exchange_until)
         fallback = _from_candidate(problem, start, budget, "heuristic", 0.0)
     else:
         # Search for any schedule that fits with the time left; it also says

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 from monet.simulate import simulate
+from monet.solver.estimate import PeakModel
 from monet.solver.ilp import Structure, analyse
 from monet.solver.problem import Problem, alternative_nodes
 from monet.solver.program import ScheduleError, build_program, storage_owner
@@ -55,11 +56,17 @@ def fastest_variants(problem: Problem) -> tuple[int, ...]:
 
 
 def leanest_variants(problem: Problem) -> tuple[int, ...]:
-    """Per choice, the alternative that makes the backward hold the fewest extra bytes.
+    """Per choice, the alternative that makes the backward hold the fewest extra bytes."""
+    return tuple(min(range(len(cost)), key=lambda k: (cost[k], k))
+                 for cost in alternative_bytes(problem))
+
+
+def alternative_bytes(problem: Problem) -> list[list[int]]:
+    """Per choice and alternative, the bytes of forward values its touched nodes read
+    that nothing else in the backward reads, less what it never allocates.
 
     What a touched node reads costs nothing when an untouched backward node
-    reads it anyway (a norm's output, which the next linear's backward reads);
-    only the rest counts, less what the alternative never allocates.
+    reads it anyway (a norm's output, which the next linear's backward reads).
     """
     structure = analyse(problem)
     read_anyway = set(structure.first_read)
@@ -70,16 +77,15 @@ def leanest_variants(problem: Problem) -> tuple[int, ...]:
         storages = {s for j in inputs if nodes[j].phase == "forward" for s in nodes[j].storages}
         return sum(sizes[s] for s in storages & decision - read_anyway)
 
-    result = []
-    for choice in problem.choices:
-        cost = [
+    return [
+        [
             sum(extra_bytes(o.inputs) for o in effective.values())
             - sum(sizes[s] for s in alternative.drops)
             for effective, alternative in zip(
                 alternative_nodes(problem, choice), choice.alternatives, strict=True)
         ]
-        result.append(min(range(len(cost)), key=lambda k: (cost[k], k)))
-    return tuple(result)
+        for choice in problem.choices
+    ]
 
 
 def schedule_for(
@@ -94,24 +100,34 @@ def schedule_for(
     # A recomputed op reads its inputs again: an input whose op is recomputed is
     # fine, any other must be kept. Storages no recomputation and no backward
     # node reads are dropped.
-    needed = set(structure.first_read)
-    for a in redo:
-        needed.update(structure.recompute_reads[a])
-    kept = {s for s in needed if owner[s] not in redo}
-    if any(owner[s] not in structure.recomputable and owner[s] in redo for s in needed):
+    outputs_of, recompute_reads = structure.outputs_of, structure.recompute_reads
+    read = set().union(*(recompute_reads[a] for a in redo)) if redo else set()
+    remade = set().union(*(outputs_of[a] for a in redo)) if redo else set()
+    needed = read | _read_by_backward(structure)
+    kept = needed - remade
+    if not redo <= structure.recomputable and any(
+            s in needed for a in redo - structure.recomputable for s in outputs_of[a]):
         return None
     slot: dict[int, int] = {}
     readers: dict[int, list[int]] = {}
     for w in redo:
-        for s in structure.recompute_reads[w]:
+        for s in recompute_reads[w]:
             readers.setdefault(owner[s], []).append(w)
     last = max(len(structure.backward) - 1, 0)
+    first_read = structure.first_read
     for a in sorted(redo, reverse=True):  # readers come later in the forward
-        candidates = [structure.first_read[s] for s in structure.outputs_of[a]
-                      if s in structure.first_read]
+        candidates = [first_read[s] for s in outputs_of[a] if s in first_read]
         candidates += [slot[w] for w in readers.get(a, ()) if w in slot]
         slot[a] = min(candidates) if candidates else last
     return tuple(sorted(kept)), tuple(sorted(slot.items()))
+
+
+def _read_by_backward(structure: Structure) -> frozenset[int]:
+    """The decision storages some backward node reads (cached on the structure)."""
+    cached = structure.__dict__.get("_read_by_backward")
+    if cached is None:
+        cached = structure.__dict__["_read_by_backward"] = frozenset(structure.first_read)
+    return cached
 
 
 def ranking(problem: Problem, structure: Structure) -> list[int]:
@@ -273,12 +289,34 @@ def evaluate(problem: Problem, structure: Structure, redo: set[int]) -> Candidat
     if made is None:
         return None
     kept, recompute = made
-    draft = Schedule(problem.graph_hash, None, kept, recompute, 0, 0.0, "heuristic")
+    return exact_peak(problem, Candidate(kept, recompute, 0,
+                                         sum(structure.cost[a] for a, _ in recompute)))
+
+
+def estimate(problem: Problem, structure: Structure, model: PeakModel, redo: set[int]
+             ) -> Candidate | None:
+    """As :func:`evaluate`, with the model's peak (at least the simulated one) instead."""
+    made = schedule_for(problem, structure, redo)
+    if made is None:
+        return None
+    kept, recompute = made
+    return Candidate(kept, recompute, model.peak(kept, recompute),
+                     sum(structure.cost[a] for a, _ in recompute))
+
+
+def exact_peak(problem: Problem, candidate: Candidate) -> Candidate | None:
+    """``candidate`` with its simulated peak (None when it cannot run)."""
+    draft = Schedule(problem.graph_hash, None, candidate.kept, candidate.recompute, 0, 0.0,
+                     "heuristic")
     try:
         peak = simulate(problem, build_program(problem, draft)).peak
     except ScheduleError:
         return None
-    return Candidate(kept, recompute, peak, sum(structure.cost[a] for a, _ in recompute))
+    return replace(candidate, peak=peak)
+
+
+SIMULATED = 3
+"""Moves simulated per round of the descents, the best by the model's peak."""
 
 
 def best_within(candidates: list[Candidate], budget: int) -> Candidate | None:
@@ -382,18 +420,20 @@ OVERRUN = 1.5
 """A relaxation solve taking this many times its time limit has overrun it."""
 
 
-def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int = 8,
-               stop_at: int | None = None) -> Candidate:
+def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int = 12,
+               stop_at: int | None = None, simulated: int = SIMULATED) -> Candidate:
     """Greedy descent on the peak from ``start`` (``problem`` has no choices left).
 
     At the simulated peak, the largest storages decide: a kept one may be
     recomputed instead, a recomputed one kept instead (its recomputation then
-    no longer stacks up at the peak). Each round tries that for the ``tries``
-    largest of each kind, as late as possible, and keeps the move that lowers
-    the peak most, until none does, ``deadline`` (``time.perf_counter()``)
-    passes, or the peak is at most ``stop_at``.
+    no longer stacks up at the peak). Each round ranks that move for the
+    ``tries`` largest of each kind, as late as possible, by the model's peak
+    (:class:`~monet.solver.estimate.PeakModel`), simulates the ``simulated``
+    best and keeps the one that lowers the peak most, until none does,
+    ``deadline`` (``time.perf_counter()``) passes, or the peak is at most ``stop_at``.
     """
     structure = analyse(problem)
+    model = PeakModel(problem, structure)
     owner = storage_owner(problem)
     sizes = problem.storage_bytes
     best = start
@@ -410,11 +450,13 @@ def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int =
                             and a not in redo), key=weight)
         keep = sorted((a for a, c in ops.items() if c == 1 and a in redo), key=weight)
         moves = [redo | {a} for a in recompute[:tries]] + [redo - {a} for a in keep[:tries]]
+        ranked = sorted(filter(None, (estimate(problem, structure, model, _useful(structure, m))
+                                      for m in moves)), key=lambda e: (e.peak, e.overhead))
         found = None
-        for move in moves:
+        for guess in ranked[:simulated]:
             if time.perf_counter() >= deadline:
                 break
-            candidate = evaluate(problem, structure, _useful(structure, move))
+            candidate = exact_peak(problem, guess)
             if candidate is not None and candidate.peak < (found or best).peak:
                 found = candidate
         if found is None:
@@ -425,7 +467,7 @@ def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int =
 
 
 def fit_and_trim(problem: Problem, start: Candidate, budget: int, deadline: float,
-                 tries: int = 6) -> Candidate | None:
+                 tries: int = 6, simulated: int = SIMULATED) -> Candidate | None:
     """From ``start`` (``problem`` has no choices left), a schedule within ``budget``
     that recomputes little: None when none is found before ``deadline``.
 
@@ -433,9 +475,11 @@ def fit_and_trim(problem: Problem, start: Candidate, budget: int, deadline: floa
     the steps above it, recompute the kept one that lowers the overshoot most
     per second it adds, or keep a recomputed one whose early recomputation
     stacks up there. Trim: then keep, most expensive first, every recomputed op
-    the budget does without. Every step is checked by the simulator.
+    the budget does without. The model's peak ranks the moves; the ``simulated``
+    best of each round are simulated, and the answer's peak is the simulator's.
     """
     structure = analyse(problem)
+    model = PeakModel(problem, structure)
     owner = storage_owner(problem)
     sizes = problem.storage_bytes
     best = start
@@ -474,31 +518,265 @@ def fit_and_trim(problem: Problem, start: Candidate, budget: int, deadline: floa
                   and {a} not in recompute]
         recompute += single[:tries // 2]
         keep = [a for a, copy in ranked if copy == 1 and a in redo][:tries]
-        found, found_score = None, 0.0
+        # The model ranks the moves by peak lowered per second added; the best few
+        # are simulated (the model's peak is never below the simulated one).
+        modelled = model.peak(best.kept, best.recompute)
+        guesses = []
         for move in [redo | ops for ops in recompute] + [redo - {a} for a in keep]:
+            guess = estimate(problem, structure, model, _useful(structure, move))
+            if guess is not None:
+                guesses.append((_score(modelled - guess.peak, guess.overhead - best.overhead),
+                                guess))
+        guesses.sort(key=lambda g: -g[0])
+        found, found_score = None, 0.0
+        for _, guess in guesses[:simulated]:
             if time.perf_counter() >= deadline:
                 break
-            candidate = evaluate(problem, structure, _useful(structure, move))
+            candidate = exact_peak(problem, guess)
             if candidate is None or candidate.peak >= best.peak:
                 continue
-            added = candidate.overhead - best.overhead
-            score = math.inf if added <= 0 else (best.peak - candidate.peak) / max(added, 1e-9)
+            score = _score(best.peak - candidate.peak, candidate.overhead - best.overhead)
             if score == math.inf or score > found_score:
                 found, found_score = candidate, score
         if found is None:
             return None
         best = found
         redo = {a for a, _ in best.recompute}
+    simulated_best = best
     for a in sorted(redo, key=lambda a: -structure.cost[a]):
         if time.perf_counter() >= deadline:
             break
         if a not in redo:
             continue
-        candidate = evaluate(problem, structure, _useful(structure, redo - {a}))
-        if candidate is not None and candidate.peak <= budget and candidate.overhead < best.overhead:
-            best = candidate
-            redo = {b for b, _ in best.recompute}
+        guess = estimate(problem, structure, model, _useful(structure, redo - {a}))
+        if guess is None or guess.overhead >= best.overhead:
+            continue
+        if guess.peak > budget:
+            # The model may overstate: simulate the near misses.
+            if guess.peak > NEAR_MISS * budget:
+                continue
+            guess = exact_peak(problem, guess)
+            if guess is None or guess.peak > budget:
+                continue
+        best = guess
+        redo = {b for b, _ in best.recompute}
+    if best is simulated_best:
+        return best
+    # A trim the model accepted fits (the model never understates); its peak is simulated.
+    return exact_peak(problem, best) or simulated_best
+
+
+def _score(lowered: float, added: float) -> float:
+    """Bytes a move lowers the peak by per second it adds (inf: it adds none)."""
+    if lowered <= 0:
+        return -math.inf
+    return math.inf if added <= 0 else lowered / max(added, 1e-9)
+
+
+NEAR_MISS = 1.06
+"""A trim whose model peak exceeds the budget by less than this factor is simulated: the
+model overstates the peak by up to a few percent on the zoo's graphs."""
+
+
+def exchange(problem: Problem, start: Candidate, budget: int, deadline: float,
+             additions: int = 8, options: int = 12, switches: int = 8) -> Candidate:
+    """Local search from ``start`` (within ``budget``) over what is recomputed and
+    which alternative each choice runs, while that lowers the added time.
+
+    Two moves, in passes until one changes nothing or ``deadline``
+    (``time.perf_counter()``) passes:
+
+    * run another alternative of one choice (the ``switches`` best of
+      :func:`_switches` per pass), refill if it no longer fits, then keep every
+      recomputed op the budget does without;
+    * stop recomputing one op (most expensive first) and make room for what that
+      keeps by recomputing cheaper ones (:func:`_refill`).
+
+    The model's peak (:class:`~monet.solver.estimate.PeakModel`) decides; it is
+    never below the simulated one, so what the model fits does fit, and near
+    misses are simulated. The answer's peak is the simulator's.
+    """
+    contexts: dict[tuple[int, ...], _Context] = {}
+
+    def context(variants: tuple[int, ...]) -> _Context:
+        if variants not in contexts:
+            contexts[variants] = _Context.of(problem, variants)
+        return contexts[variants]
+
+    best = replace(start, variants=start.variants or problem.default_variants())
+    redo = {a for a, _ in best.recompute}
+    improved = True
+    while improved and time.perf_counter() < deadline:
+        improved = False
+        for variants in _switches(problem, best.variants)[:switches]:
+            if time.perf_counter() >= deadline:
+                break
+            there = context(variants)
+            trial = redo & there.structure.recomputable
+            found = _refill(there, trial, budget, math.inf, deadline, additions, options)
+            found = found and there.trimmed(found, budget, deadline)
+            if found is not None and found.overhead < best.overhead:
+                found = there.simulated(found, budget)
+                if found is not None:
+                    best, improved = found, True
+                    redo = {b for b, _ in best.recompute}
+        here = context(best.variants)
+        for a in sorted(redo, key=lambda a: -here.structure.cost[a]):
+            if time.perf_counter() >= deadline:
+                break
+            if a not in redo:
+                continue
+            found = _refill(here, redo - {a}, budget, best.overhead, deadline, additions,
+                            options)
+            found = found and here.simulated(found, budget)
+            if found is not None and found.overhead < best.overhead:
+                best, improved = found, True
+                redo = {b for b, _ in best.recompute}
     return best
+
+
+@dataclass(frozen=True)
+class _Context:
+    """One variant vector's applied problem, structure, model and seconds."""
+
+    variants: tuple[int, ...]
+    problem: Problem
+    structure: Structure
+    model: PeakModel
+    extra: float
+    """Seconds the variants add to the step."""
+
+    @classmethod
+    def of(cls, problem: Problem, variants: tuple[int, ...]) -> _Context:
+        applied = problem.apply(variants)
+        structure = analyse(applied)
+        return cls(variants, applied, structure, PeakModel(applied, structure),
+                   variant_seconds(problem, variants))
+
+    def estimate(self, redo: set[int]) -> Candidate | None:
+        """The schedule recomputing ``redo`` (as late as possible) with the model's peak."""
+        found = estimate(self.problem, self.structure, self.model, _useful(self.structure, redo))
+        if found is None:
+            return None
+        return replace(found, overhead=found.overhead + self.extra, variants=self.variants)
+
+    def simulated(self, candidate: Candidate, budget: int) -> Candidate | None:
+        """``candidate`` with its simulated peak; None when that exceeds ``budget``."""
+        plain = replace(candidate, variants=(), overhead=candidate.overhead - self.extra)
+        exact = exact_peak(self.problem, plain)
+        if exact is None or exact.peak > budget:
+            return None
+        return replace(exact, variants=self.variants, overhead=candidate.overhead)
+
+    def trimmed(self, candidate: Candidate, budget: int, deadline: float) -> Candidate:
+        """``candidate`` without each recomputation (most expensive first) the model
+        still fits ``budget`` without."""
+        redo = {a for a, _ in candidate.recompute}
+        for a in sorted(redo, key=lambda a: -self.structure.cost[a]):
+            if time.perf_counter() >= deadline:
+                break
+            if a in redo:
+                guess = self.estimate(redo - {a})
+                if guess is not None and guess.peak <= budget:
+                    candidate, redo = guess, {b for b, _ in guess.recompute}
+        return candidate
+
+
+def _refill(context: _Context, trial: set[int], budget: int, limit: float, deadline: float,
+            additions: int, options: int) -> Candidate | None:
+    """``trial`` and at most ``additions`` more recomputations, within ``budget`` and
+    adding less than ``limit`` seconds; None if not found.
+
+    Each round recomputes a kept value live at the model's peak that no backward
+    node has read by then, with the producers its recomputation would otherwise
+    need kept (:func:`_producers`): of the ``options`` whose ops free the most
+    bytes per second, the one that lowers the model's peak most per second it adds.
+    The answer's peak is the model's (at most ``budget``) or, for a near miss, the
+    simulator's.
+    """
+    structure, model = context.structure, context.model
+    owner, sizes = storage_owner(context.problem), context.problem.storage_bytes
+    for _ in range(additions + 1):
+        if time.perf_counter() >= deadline:
+            return None
+        guess = context.estimate(trial)
+        if guess is None or guess.overhead >= limit - 1e-12:
+            return None
+        peak, point, live = model.at_peak(guess.kept, guess.recompute)
+        if peak <= budget:
+            return guess
+        if peak <= NEAR_MISS * budget:
+            exact = context.simulated(guess, budget)
+            if exact is not None:
+                return exact
+        kept = set(guess.kept)
+        ratio: dict[int, float] = {}
+        for s in live:
+            b = owner[s]
+            # Recomputed as late as possible, s is made after the peak's point only
+            # if no backward node at or before that point reads it.
+            if (s in kept and b in structure.recomputable and b not in trial
+                    and model.first_point(s) > point):
+                ratio[b] = ratio.get(b, 0) + sizes[s] / max(structure.cost[b], 1e-9)
+        found, found_score = None, 0.0
+        for b in sorted(ratio, key=lambda b: -ratio[b])[:options]:
+            ops = _producers(structure, owner, kept, trial, b)
+            option = context.estimate(trial | ops)
+            if option is None:
+                continue
+            score = _score(peak - option.peak, option.overhead - guess.overhead)
+            if score > found_score:
+                found, found_score = ops, score
+        if found is None:
+            return None
+        trial = trial | found
+    return None
+
+
+def _switches(problem: Problem, variants: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The variant vectors that differ from ``variants`` in one choice: those that save
+    time first, then those that save the most bytes (:func:`alternative_bytes`; a
+    few large savings let the costliest recomputations go, many small ones rarely
+    do); none that saves neither."""
+    cached = problem.__dict__.get("_alternative_bytes")
+    if cached is None:
+        cached = problem.__dict__["_alternative_bytes"] = alternative_bytes(problem)
+    ranked = []
+    for c, choice in enumerate(problem.choices):
+        seconds = [sum(o.time - problem.nodes[o.node].time for o in a.overrides)
+                   for a in choice.alternatives]
+        now = variants[c]
+        for k in range(len(choice.alternatives)):
+            added = seconds[k] - seconds[now]
+            saved = cached[c][now] - cached[c][k]
+            if k == now or (added >= 0 and saved <= 0):
+                continue
+            ranked.append((added >= 0, -saved, added, c, k))
+    return [variants[:c] + (k,) + variants[c + 1:] for *_, c, k in sorted(ranked)]
+
+
+def _producers(structure: Structure, owner, kept: set[int], redo: set[int], a: int,
+               depth: int = 6) -> set[int]:
+    """``a`` and, up to ``depth`` producers back, the recomputable ops whose values its
+    recomputation reads and nothing keeps or recomputes yet."""
+    ops = {a}
+    for grown in _producer_layers(structure, owner, kept, redo, a, depth):
+        ops |= grown
+    return ops
+
+
+def _producer_layers(structure: Structure, owner, kept: set[int], redo: set[int], a: int,
+                     depth: int):
+    """The ops :func:`_producers` adds, one producer further back at a time."""
+    ops = {a}
+    for _ in range(depth):
+        grown = {owner[s] for b in ops for s in structure.recompute_reads[b]
+                 if s not in kept and owner[s] not in redo and owner[s] not in ops
+                 and owner[s] in structure.recomputable}
+        if not grown:
+            return
+        ops |= grown
+        yield grown
 
 
 def _chain(structure: Structure, owner, sizes, kept: set[int], redo: set[int], a: int,
@@ -509,12 +787,7 @@ def _chain(structure: Structure, owner, sizes, kept: set[int], redo: set[int], a
     ops = {a}
     freed = pressure.get((a, 0), 0)
     best = (set(ops), freed - _new_keeps(structure, owner, sizes, kept, redo, ops))
-    for _ in range(depth):
-        grown = {owner[s] for b in ops for s in structure.recompute_reads[b]
-                 if s not in kept and owner[s] not in redo and owner[s] not in ops
-                 and owner[s] in structure.recomputable}
-        if not grown:
-            break
+    for grown in _producer_layers(structure, owner, kept, redo, a, depth):
         ops |= grown
         freed += sum(pressure.get((b, 0), 0) for b in grown)
         net = freed - _new_keeps(structure, owner, sizes, kept, redo, ops)

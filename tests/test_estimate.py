@@ -1,0 +1,107 @@
+"""The model's peak (the heuristics' fast filter) and the exchange search built on it."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from monet.simulate import simulate
+from monet.solver import Schedule, build_program, keep_all, minimum_budget
+from monet.solver.estimate import PeakModel
+from monet.solver.heuristic import estimate, evaluate, exchange, ranking, scan
+from monet.solver.ilp import analyse
+from monet.solver.random_graphs import random_problem
+
+
+def simulated_peak(problem, candidate) -> int:
+    draft = Schedule(problem.graph_hash, None, candidate.kept, candidate.recompute, 0, 0.0,
+                     "heuristic")
+    return simulate(problem, build_program(problem, draft)).peak
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_the_model_peak_is_never_below_the_simulated_one(seed):
+    problem = random_problem(150, seed=seed, workspace_probability=0.4)
+    structure = analyse(problem)
+    model = PeakModel(problem, structure)
+    rng = random.Random(seed)
+    ops = sorted(structure.recomputable)
+    redos = [set(), set(ops)] + [set(rng.sample(ops, rng.randint(1, len(ops))))
+                                 for _ in range(40)]
+    redos += [{a for a, _ in c.recompute} for c in scan(problem, evaluations=12)]
+    equal = 0
+    for redo in redos:
+        guess = estimate(problem, structure, model, redo)
+        if guess is None:
+            assert evaluate(problem, structure, redo) is None
+            continue
+        exact = simulated_peak(problem, guess)
+        assert guess.peak >= exact
+        equal += guess.peak == exact
+        # What the model says is live at its peak adds up with the fixed bytes.
+        peak, point, live = model.at_peak(guess.kept, guess.recompute)
+        assert peak == guess.peak
+        assert structure.fixed[point] + sum(problem.storage_bytes[s] for s in live) <= peak
+    if structure.exact:
+        # Keeping everything recomputes nothing: the model is the simulator there.
+        keep = estimate(problem, structure, model, set())
+        assert keep.peak == simulated_peak(problem, keep) == keep_all(problem).predicted_peak
+    assert equal >= len(redos) // 4
+
+
+def test_the_model_refuses_a_problem_with_choices_left():
+    from monet.solver.random_graphs import with_random_choices
+
+    problem = with_random_choices(random_problem(60, seed=1), seed=1)
+    with pytest.raises(ValueError, match="apply the variants"):
+        PeakModel(problem, analyse(problem))
+
+
+@pytest.mark.parametrize("seed", [2, 5])
+def test_exchange_trades_recomputations_within_the_budget(seed):
+    problem = random_problem(200, seed=seed, workspace_probability=0.3)
+    structure = analyse(problem)
+    high = keep_all(problem).predicted_peak
+    low = minimum_budget(problem, time_limit=2, coarsen_first=False)[0].budget
+    budget = (high + low) // 2
+    # Recomputing every op worth it fits and wastes time: a start to improve on.
+    start = evaluate(problem, structure, set(ranking(problem, structure)))
+    assert start is not None and start.peak <= budget
+    found = exchange(problem, start, budget, time.perf_counter() + 10)
+    assert found.peak <= budget
+    assert found.peak == simulated_peak(problem, found)
+    assert found.overhead < start.overhead
+    assert found.overhead == pytest.approx(sum(structure.cost[a] for a, _ in found.recompute))
+    # Out of time, it returns its start.
+    assert exchange(problem, start, budget, time.perf_counter() - 1) == start
+
+
+@pytest.mark.parametrize("seed", [3, 6])
+def test_exchange_also_switches_operator_variants(seed):
+    from monet.solver.heuristic import Candidate, fastest_variants, variant_seconds
+    from monet.solver.random_graphs import with_random_choices
+
+    problem = with_random_choices(random_problem(200, seed=seed, workspace_probability=0.3),
+                                  seed=seed, count=20)
+    fastest = fastest_variants(problem)
+    applied = problem.apply(fastest)
+    structure = analyse(applied)
+    high = keep_all(problem, fastest).predicted_peak
+    low = minimum_budget(problem, time_limit=2, coarsen_first=False)[0].budget
+    budget = low + 6 * (high - low) // 10
+    plain = evaluate(applied, structure, set(ranking(applied, structure)))
+    assert plain.peak <= budget
+    start = Candidate(plain.kept, plain.recompute, plain.peak,
+                      plain.overhead + variant_seconds(problem, fastest), fastest)
+    found = exchange(problem, start, budget, time.perf_counter() + 20)
+    assert found.variants != fastest
+    assert found.overhead < start.overhead
+    draft = Schedule(problem.graph_hash, budget, found.kept, found.recompute, 0, 0.0,
+                     "heuristic", variants=found.variants)
+    assert simulate(problem, build_program(problem, draft)).peak == found.peak <= budget
+    chosen = analyse(problem.apply(found.variants))
+    assert found.overhead == pytest.approx(
+        sum(chosen.cost[a] for a, _ in found.recompute)
+        + variant_seconds(problem, found.variants))
