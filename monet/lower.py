@@ -92,6 +92,7 @@ def lower(
     forward_module, backward_module = _extract_fwd_bwd_modules(
         joint, saved, [], num_fwd_outputs=analysed.joint.num_forward_outputs
     )
+    _drop_unrun(forward_module, analysed, program)
     _check_forward(forward_module, analysed, program)
     backward_module = _reorder_backward(backward_module, analysed, program)
     for module in (forward_module, backward_module):
@@ -108,6 +109,23 @@ def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
     env[output] = result.output(value)
     env[output].meta = copy.copy(output.meta)
     return result, env
+
+
+def _drop_unrun(module: fx.GraphModule, analysed: AnalysedGraph, program: Program) -> None:
+    """Erase the forward ops nothing reads that the program does not run there.
+
+    torch's extraction keeps what fx deems impure even when nothing reads it: an
+    attention kernel tagged seeded for its dropout, run without any. An op only
+    the backward reads, recomputed there, must not run in the forward as well.
+    Only ops the problem lets move (recomputable: not random, no side effects) go.
+    """
+    run = {analysed.order[step.node].name for step in program.forward}
+    nodes = analysed.problem.nodes
+    index = {n.name: i for i, n in enumerate(analysed.order)}
+    for node in reversed(list(module.graph.nodes)):
+        if (node.op == "call_function" and not node.users and node.name not in run
+                and node.name in index and nodes[index[node.name]].recomputable):
+            module.graph.erase_node(node)
 
 
 def _check_forward(module: fx.GraphModule, analysed: AnalysedGraph, program: Program) -> None:

@@ -23,7 +23,7 @@ from monet.solver import (
     solve,
 )
 from monet.solver.bound import budget_lower_bound, time_lower_bound
-from monet.solver.heuristic import variant_seconds
+from monet.solver.heuristic import recompute_seconds, variant_seconds
 from monet.solver.ilp import analyse
 from monet.solver.problem import Alternative, Choice, Override, structure_hash
 from monet.solver.random_graphs import random_problem, with_random_choices
@@ -50,7 +50,7 @@ def brute_force(problem: Problem, budget: int) -> float | None:
                 except ScheduleError:
                     continue
                 if simulate(problem, program).peak <= budget:
-                    cost = sum(structure.cost[a] for a in redo)
+                    cost = recompute_seconds(structure, program, schedule.recompute)
                     best = cost if best is None else min(best, cost)
     return best
 
@@ -303,6 +303,42 @@ def test_bounds_leave_out_what_the_forward_may_defer():
     assert time_lower_bound(problem, 21) <= 1.1
 
 
+@pytest.mark.parametrize("backend", ["cpsat", "milp"])
+def test_an_op_only_the_backward_reads_adds_its_time_only_when_it_runs_twice(backend):
+    """t and u = g(t) only feed the backward, as a reversible block's reconstruction does:
+    eager's step runs each once. Recomputed and not run in the forward, each still runs
+    once (adds 0) and the forward never holds them (16 B). Keeping u runs t in the
+    forward; recomputing t as well runs it twice (adds t's 0.5 s)."""
+    sizes = (1, 4, 3, 2, 10, 1, 1, 1)
+    nodes = (
+        Node("x", "input", "input", (), (0,), (0,), recomputable=False),
+        Node("a", "op", "forward", (0,), (1,), (1,), time=1.0),
+        Node("t", "op", "forward", (1,), (2,), (2,), time=0.5),
+        Node("u", "op", "forward", (2,), (3,), (3,), time=0.25),
+        Node("b", "op", "forward", (1,), (4,), (4,), time=1.0),
+        Node("out", "op", "forward", (4,), (5,), (5,), time=0.1, is_output=True),
+        Node("tangent", "input", "tangent", (), (6,), (6,), recomputable=False),
+        Node("grad", "op", "backward", (6, 2, 3), (7,), (7,), time=1.0, is_output=True),
+    )
+    problem = Problem(nodes, sizes, structure_hash(nodes, sizes), "skippable")
+    structure = analyse(problem)
+    assert structure.skippable == {2: pytest.approx(0.5), 3: pytest.approx(0.25)}
+
+    def run(kept, recompute) -> tuple[int, float]:
+        draft = Schedule(problem.graph_hash, None, kept, recompute, 0, 0.0, "heuristic")
+        program = build_program(problem, draft)
+        return (simulate(problem, program).peak,
+                recompute_seconds(structure, program, recompute))
+
+    assert run((2, 3), ()) == (20, 0)  # keep-all: t and u run in the forward
+    assert run((1, 3), ((2, 0),)) == (18, pytest.approx(0.5))  # t in the forward and again
+    assert run((1,), ((2, 0), (3, 0))) == (16, 0)  # each once, in the backward
+    assert run((1, 2), ((3, 0),)) == (18, 0)  # t in the forward, u in the backward
+    for budget in (16, 18):
+        schedule = solve(problem, budget, time_limit=2, backend=backend, coarsen_first=False)
+        assert schedule.predicted_peak <= budget and schedule.predicted_overhead == 0
+
+
 def test_simulator_on_a_hand_built_graph():
     problem = hand_built()
     # Keep everything: forward peak at b is x+a+b = 31, then out: 32. Backward at
@@ -456,6 +492,6 @@ def test_least_peak_schedule_counts_its_variants_seconds(seed):
                                   seed=seed, count=20)
     least, _ = minimum_budget(problem, time_limit=1, coarsen_first=False)
     structure = analyse(problem.apply(least.variants))
-    expected = sum(structure.cost[a] for a, _ in least.recompute)
+    expected = recompute_seconds(structure, build_program(problem, least), least.recompute)
     expected += variant_seconds(problem, least.variants)
     assert least.predicted_overhead == pytest.approx(expected, abs=1e-12)

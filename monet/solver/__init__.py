@@ -24,6 +24,7 @@ from monet.solver.heuristic import (
     fit_and_trim,
     least_peak,
     lower_peak,
+    recompute_seconds,
     relax_and_repair,
     scan,
     variant_seconds,
@@ -91,9 +92,10 @@ def _finish(
     variants = tuple(variants) or problem.default_variants()
     draft = Schedule(problem.graph_hash, budget, kept, recompute, 0, 0.0, status, backend,
                      variants=variants)
-    peak = simulate(problem, build_program(problem, draft)).peak
-    structure = analyse(problem.apply(variants))
-    overhead = sum(structure.cost[a] for a, _ in recompute) + variant_seconds(problem, variants)
+    program = build_program(problem, draft)
+    peak = simulate(problem, program).peak
+    overhead = (recompute_seconds(analyse(problem.apply(variants)), program, recompute)
+                + variant_seconds(problem, variants))
     return Schedule(
         problem.graph_hash, budget, kept, recompute, peak, overhead, status, backend,
         bound, seconds, variants=variants,

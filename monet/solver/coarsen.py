@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 
 from monet.simulate import simulate
 from monet.solver.bound import time_lower_bound
-from monet.solver.heuristic import variant_seconds
+from monet.solver.heuristic import recompute_seconds, variant_seconds
 from monet.solver.ilp import analyse
 from monet.solver.problem import Choice, Override, Problem, structure_hash
 from monet.solver.program import build_program, pinned_storages
@@ -98,9 +98,10 @@ class Coarsening:
         variants = tuple(schedule.variants) or original.default_variants()
         draft = Schedule(original.graph_hash, schedule.budget, kept, recompute, 0, 0.0,
                          schedule.status, schedule.backend, variants=variants)
-        peak = simulate(original, build_program(original, draft)).peak
-        cost = analyse(original.apply(variants)).cost
-        overhead = sum(cost[a] for a, _ in recompute) + variant_seconds(original, variants)
+        program = build_program(original, draft)
+        peak = simulate(original, program).peak
+        overhead = (recompute_seconds(analyse(original.apply(variants)), program, recompute)
+                    + variant_seconds(original, variants))
         status, bound = schedule.status, schedule.bound
         if not self.exact:
             status = "feasible" if status == "optimal" else status

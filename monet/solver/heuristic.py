@@ -19,7 +19,7 @@ from monet.simulate import simulate
 from monet.solver.estimate import PeakModel
 from monet.solver.ilp import Structure, analyse
 from monet.solver.problem import Problem, alternative_nodes
-from monet.solver.program import ScheduleError, build_program, storage_owner
+from monet.solver.program import Program, ScheduleError, build_program, storage_owner
 from monet.solver.schedule import Schedule
 
 
@@ -131,12 +131,16 @@ def _read_by_backward(structure: Structure) -> frozenset[int]:
 
 
 def ranking(problem: Problem, structure: Structure) -> list[int]:
-    """Recomputable ops whose outputs the backward reads, most bytes per second first."""
+    """Recomputable ops to recompute first: the skippable ones (recomputed, they run
+    once, as in eager's step; kept for a reader, they run twice), then those whose
+    outputs the backward reads, most bytes per second first."""
     sizes = problem.storage_bytes
     scored = []
     for a in structure.recomputable:
         freed = sum(sizes[s] for s in structure.outputs_of[a] if s in structure.first_read)
-        if freed:
+        if a in structure.skippable:
+            scored.append((-1.0, a))
+        elif freed:
             scored.append((structure.cost[a] / freed, a))
     return [a for _, a in sorted(scored)]
 
@@ -289,8 +293,7 @@ def evaluate(problem: Problem, structure: Structure, redo: set[int]) -> Candidat
     if made is None:
         return None
     kept, recompute = made
-    return exact_peak(problem, Candidate(kept, recompute, 0,
-                                         sum(structure.cost[a] for a, _ in recompute)))
+    return exact_peak(problem, structure, Candidate(kept, recompute, 0, 0.0))
 
 
 def estimate(problem: Problem, structure: Structure, model: PeakModel, redo: set[int]
@@ -304,15 +307,33 @@ def estimate(problem: Problem, structure: Structure, model: PeakModel, redo: set
                      sum(structure.cost[a] for a, _ in recompute))
 
 
-def exact_peak(problem: Problem, candidate: Candidate) -> Candidate | None:
-    """``candidate`` with its simulated peak (None when it cannot run)."""
+def exact_peak(problem: Problem, structure: Structure, candidate: Candidate
+               ) -> Candidate | None:
+    """``candidate`` (no variants) with its simulated peak and the seconds its program
+    adds (:func:`recompute_seconds`); None when it cannot run."""
     draft = Schedule(problem.graph_hash, None, candidate.kept, candidate.recompute, 0, 0.0,
                      "heuristic")
     try:
-        peak = simulate(problem, build_program(problem, draft)).peak
+        program = build_program(problem, draft)
     except ScheduleError:
         return None
-    return replace(candidate, peak=peak)
+    return replace(candidate, peak=simulate(problem, program).peak,
+                   overhead=recompute_seconds(structure, program, candidate.recompute))
+
+
+def recompute_seconds(structure: Structure, program: Program,
+                      recompute: tuple[tuple[int, int], ...]) -> float:
+    """Seconds ``program``'s recomputations add to eager's step (``structure`` is its
+    problem's, variants applied): each op's ``cost``, and a skippable op's seconds
+    less once, counted for each time the program runs it (in the forward, where a
+    kept value needs it, and recomputed): 0 when it runs once, as in eager."""
+    total = sum(structure.cost[a] for a, _ in recompute)
+    if structure.skippable:
+        ran = {step.node for step in program.forward}
+        redo = {a for a, _ in recompute}
+        total += sum(seconds * ((a in redo) + (a in ran) - 1)
+                     for a, seconds in structure.skippable.items())
+    return total
 
 
 SIMULATED = 3
@@ -456,7 +477,7 @@ def lower_peak(problem: Problem, start: Candidate, deadline: float, tries: int =
         for guess in ranked[:simulated]:
             if time.perf_counter() >= deadline:
                 break
-            candidate = exact_peak(problem, guess)
+            candidate = exact_peak(problem, structure, guess)
             if candidate is not None and candidate.peak < (found or best).peak:
                 found = candidate
         if found is None:
@@ -532,7 +553,7 @@ def fit_and_trim(problem: Problem, start: Candidate, budget: int, deadline: floa
         for _, guess in guesses[:simulated]:
             if time.perf_counter() >= deadline:
                 break
-            candidate = exact_peak(problem, guess)
+            candidate = exact_peak(problem, structure, guess)
             if candidate is None or candidate.peak >= best.peak:
                 continue
             score = _score(best.peak - candidate.peak, candidate.overhead - best.overhead)
@@ -555,7 +576,7 @@ def fit_and_trim(problem: Problem, start: Candidate, budget: int, deadline: floa
             # The model may overstate: simulate the near misses.
             if guess.peak > NEAR_MISS * budget:
                 continue
-            guess = exact_peak(problem, guess)
+            guess = exact_peak(problem, structure, guess)
             if guess is None or guess.peak > budget:
                 continue
         best = guess
@@ -563,7 +584,11 @@ def fit_and_trim(problem: Problem, start: Candidate, budget: int, deadline: floa
     if best is simulated_best:
         return best
     # A trim the model accepted fits (the model never understates); its peak is simulated.
-    return exact_peak(problem, best) or simulated_best
+    final = exact_peak(problem, structure, best)
+    # The model's seconds leave out a skippable op run twice; the simulated ones do not.
+    if final is None or final.overhead > simulated_best.overhead:
+        return simulated_best
+    return final
 
 
 def _score(lowered: float, added: float) -> float:
@@ -662,11 +687,10 @@ class _Context:
 
     def simulated(self, candidate: Candidate, budget: int) -> Candidate | None:
         """``candidate`` with its simulated peak; None when that exceeds ``budget``."""
-        plain = replace(candidate, variants=(), overhead=candidate.overhead - self.extra)
-        exact = exact_peak(self.problem, plain)
+        exact = exact_peak(self.problem, self.structure, replace(candidate, variants=()))
         if exact is None or exact.peak > budget:
             return None
-        return replace(exact, variants=self.variants, overhead=candidate.overhead)
+        return replace(exact, variants=self.variants, overhead=exact.overhead + self.extra)
 
     def trimmed(self, candidate: Candidate, budget: int, deadline: float) -> Candidate:
         """``candidate`` without each recomputation (most expensive first) the model

@@ -53,7 +53,8 @@ class Structure:
     """Decision storage → the ops whose recomputation reads it."""
     recomputable: set[int]
     cost: dict[int, float]
-    """Op → seconds to recompute it (its owned views included), default variants."""
+    """Op → seconds its recomputation adds (its owned views included), default
+    variants; 0 for a ``skippable`` op."""
     workspace: dict[int, int] = field(default_factory=dict)
     exact: bool = True
     """Whether this model's peaks are the simulator's. A forward node no output needs
@@ -81,6 +82,15 @@ class Structure:
     extensions: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     """(choice, alternative, storage, first, last forward point): the picked alternative
     reads the storage in the forward that late; live there unless kept."""
+    skippable: dict[int, float] = field(default_factory=dict)
+    """Op no forward output needs (a reversible block's reconstruction, a backward
+    formula's factor of forward values) → its seconds. Eager's step runs it once, in
+    the backward; the program runs it in the forward only where a kept value needs
+    it. Its ``cost`` is 0: recomputed, it adds nothing unless the forward runs it
+    too, which :func:`monet.solver.heuristic.recompute_seconds` charges."""
+    forced_by: dict[int, list[int]] = field(default_factory=dict)
+    """Skippable op → the decision storages whose keeping makes the forward run it
+    (its own and those of the forward ops that read it, transitively)."""
 
 
 def analyse(problem: Problem) -> Structure:
@@ -193,13 +203,20 @@ def analyse(problem: Problem) -> Structure:
     for i in forward:
         if i in owner_of and owner_of[i] in cost:
             cost[owner_of[i]] += nodes[i].time
+    # An op no forward output needs runs once in eager's step, for the backward.
+    # Recomputed rather than run in the forward, it still runs once: it costs
+    # nothing here, and ``skippable`` keeps its seconds for when it runs twice.
+    read_by_backward = _forward_ancestors(problem, backward)
+    skippable = {a: cost[a] for a in ops if a not in live and a in read_by_backward}
+    forced_by = _forced_by(problem, skippable, owner, decision_set)
+    cost.update(dict.fromkeys(skippable, 0.0))
     recomputable = {a for a in ops if nodes[a].recomputable}
     workspace = {a: nodes[a].workspace for a in ops}
     structure = Structure(
         forward, backward, points, fixed, decision, ops, outputs_of, forward_death,
         first_read, last_read, recompute_reads, readers, recomputable, cost, workspace,
         exact=all(i in live or i in deferred for i in forward) and not shared,
-        extensions=extensions,
+        extensions=extensions, skippable=skippable, forced_by=forced_by,
     )
     if problem.choices:
         _add_choices(problem, structure, owner_of, f_pos, b_pos, decision_set)
@@ -257,6 +274,45 @@ def _forward_extensions(problem: Problem, f_pos, decision_set: set[int], dropped
         forward_death[s] = base
         extensions += [(c, k, s, base + 1, r) for k, r in enumerate(reaches) if r > base]
     return extensions, shared
+
+
+def _forced_by(problem: Problem, skippable: dict[int, float], owner: dict[int, int],
+               decision_set: set[int]) -> dict[int, list[int]]:
+    """See ``Structure.forced_by``: a kept storage makes the forward run the op that
+    allocates it and every op before it that op reads."""
+    nodes = problem.nodes
+    readers: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        if n.phase == "forward":
+            for k in n.inputs:
+                readers.setdefault(k, []).append(i)
+    by_op: dict[int, list[int]] = {}
+    for s, a in owner.items():
+        if s in decision_set:
+            by_op.setdefault(a, []).append(s)
+    result = {}
+    for r in skippable:
+        stack, seen = [r], set()
+        while stack:
+            i = stack.pop()
+            if i not in seen:
+                seen.add(i)
+                stack.extend(readers.get(i, ()))
+        result[r] = sorted(s for i in seen for s in by_op.get(i, ()))
+    return result
+
+
+def _forward_ancestors(problem: Problem, backward: list[int]) -> set[int]:
+    """Forward nodes some backward node reads, directly or through forward nodes."""
+    nodes = problem.nodes
+    stack = [k for i in backward for k in nodes[i].inputs if nodes[k].phase == "forward"]
+    found: set[int] = set()
+    while stack:
+        i = stack.pop()
+        if i not in found:
+            found.add(i)
+            stack.extend(k for k in nodes[i].inputs if nodes[k].phase == "forward")
+    return found
 
 
 def runs_in_every_forward(problem: Problem, forward: list[int]) -> set[int]:
@@ -384,6 +440,16 @@ def conditional_readers(st: Structure) -> dict[int, list[tuple[int, int, int]]]:
         for s, j in reads:
             result.setdefault(s, []).append((c, k, j))
     return result
+
+
+def redo_weights(st: Structure) -> dict[int, int]:
+    """Op → the integer nanoseconds the exact models charge for recomputing it (at least
+    1, so that no recomputation is free); a skippable op's seconds, charged with
+    ``run - 1`` on top where the model knows whether the forward runs it."""
+    weights = {a: max(1, round(st.cost[a] * TIME_SCALE)) for a in st.ops}
+    weights.update({r: max(1, round(seconds * TIME_SCALE))
+                    for r, seconds in st.skippable.items()})
+    return weights
 
 
 def solve_cpsat(
@@ -528,7 +594,16 @@ def solve_cpsat(
     else:
         capacity = None
         model.AddCumulative(intervals, demands, budget)
-        terms = [max(1, round(st.cost[a] * TIME_SCALE)) * redo[a] for a in st.ops]
+        weights = redo_weights(st)
+        terms = [weights[a] * redo[a] for a in st.ops]
+        for r in st.skippable:
+            # Run once (kept from the forward, or recomputed) it adds nothing; twice, its time.
+            run = model.NewBoolVar(f"run{r}")
+            for s in st.forced_by[r]:
+                model.AddImplication(keep[s], run)
+            terms += [weights[r] * run, -weights[r]]
+            if hint is not None:
+                model.AddHint(run, any(s in set(hint[0]) for s in st.forced_by[r]))
         terms += [round(d * TIME_SCALE) * pick[ck] for ck, d in st.step_delta.items() if d]
         for a, deltas in st.redo_delta.items():
             for c, k, d in deltas:

@@ -38,8 +38,8 @@ recomputations read are kept only if one of those runs; non-recomputable ops
 are never redone. At every point ``p``:
 ``fixed[p] + Σ_s bytes[s]·alive[s, p] + Σ_a workspace[a]·slot[a, (p-F)/2] ≤
 capacity`` (the budget, or a variable to minimise). The objective is the
-same integer one as CP-SAT's (``Σ redo[a]·max(1, round(cost[a]·TIME_SCALE))``
-or the capacity), and the MIP gap is closed to below 1, so "optimal" means
+same integer one as CP-SAT's (``redo_weights`` per recomputation, a skippable
+op's again where a kept value makes the forward run it too; or the capacity), and the MIP gap is closed to below 1, so "optimal" means
 the same optimum as CP-SAT's.
 
 Size: O(D·B) continuous variables and rows (``D`` decision storages) and
@@ -64,7 +64,15 @@ import warnings
 
 import numpy as np
 
-from monet.solver.ilp import TIME_SCALE, Hint, Solution, Structure, analyse, conditional_readers
+from monet.solver.ilp import (
+    TIME_SCALE,
+    Hint,
+    Solution,
+    Structure,
+    analyse,
+    conditional_readers,
+    redo_weights,
+)
 from monet.solver.problem import Problem
 from monet.solver.program import storage_owner
 
@@ -300,7 +308,7 @@ def solve_milp(
                             terms[both] = float(amount)
         memory_row(_sum(terms, workspace_at.get(n_forward + q)), n_forward + q)
 
-    weights = {a: max(1, round(st.cost[a] * TIME_SCALE)) for a in st.ops}
+    weights = redo_weights(st)
     # Variant time: the step's own (pick) and a recomputation's (redo ∧ pick).
     variant_weights: dict[int, float] = {
         pick[ck]: float(round(d * TIME_SCALE)) for ck, d in st.step_delta.items() if d
@@ -316,6 +324,15 @@ def solve_milp(
                 m.row({both: 1.0, redo[a]: -1.0}, upper=0.0)
                 m.row({both: 1.0, pick[c, k]: -1.0}, upper=0.0)
             variant_weights[both] = float(round(d * TIME_SCALE))
+    # A skippable op adds its time when it runs twice: recomputed, and run in the
+    # forward because a value kept from it or from its readers needs it (run ≥ keep).
+    run: dict[int, int] = {}
+    for r in st.skippable:
+        forcing = [keep[s] for s in st.forced_by[r] if s in keep]
+        if forcing:
+            run[r] = m.column(False)
+            for column in forcing:
+                m.row({run[r]: 1.0, column: -1.0}, lower=0.0)
     objective = np.zeros(m.columns)
     if capacity is not None:
         objective[capacity] = 1.0
@@ -324,6 +341,8 @@ def solve_milp(
             objective[column] = float(weights[a])
         for column, weight in variant_weights.items():
             objective[column] += weight
+        for r, column in run.items():
+            objective[column] += float(weights[r])
 
     result = _run(m, objective, time_limit - (time.perf_counter() - started), budget, stop_at,
                   log_callback)
@@ -357,6 +376,8 @@ def solve_milp(
         # Only a rounding of a numerically loose solution could get here.
         return Solution((), (), "unknown", float("inf"), None, None, seconds)
     cost = sum(weights[a] for a, _ in recompute)
+    cost += sum(weights[r] * (any(s in kept for s in st.forced_by[r]) - 1)
+                for r in st.skippable)
     cost += sum(round(st.step_delta[c, k] * TIME_SCALE) for c, k in enumerate(variants))
     slots = dict(recompute)
     for a, deltas in st.redo_delta.items():
