@@ -245,7 +245,7 @@ def solve(
         problem, budget, min(RELAXATION_SHARE * time_limit, _left(deadline)))
     start = best_within(candidates + repaired, budget)
     if start is not None and math.isfinite(relaxation_bound) and (
-        start.overhead <= relaxation_bound + 1e-12
+        start.overhead <= relaxation_bound + 1e-9
     ):
         # The relaxation's answer fits and costs its proven lower bound: optimal.
         return replace(

@@ -130,18 +130,22 @@ def _read_by_backward(structure: Structure) -> frozenset[int]:
     return cached
 
 
-def ranking(problem: Problem, structure: Structure) -> list[int]:
-    """Recomputable ops to recompute first: the skippable ones (recomputed, they run
-    once, as in eager's step; kept for a reader, they run twice), then those whose
-    outputs the backward reads, most bytes per second first."""
+def ranking(problem: Problem, structure: Structure, skippable_first: bool = False
+            ) -> list[int]:
+    """Recomputable ops whose outputs the backward reads, most bytes per second of
+    the op first (a skippable op's own seconds: recomputed as well as run in the
+    forward, it costs them). With ``skippable_first``, every skippable op comes
+    first: recomputed and not run in the forward, each runs once, as in eager's
+    step, and costs nothing (kept for a reader, it would run twice)."""
     sizes = problem.storage_bytes
     scored = []
     for a in structure.recomputable:
         freed = sum(sizes[s] for s in structure.outputs_of[a] if s in structure.first_read)
-        if a in structure.skippable:
-            scored.append((-1.0, a))
+        if skippable_first and a in structure.skippable:
+            scored.append((-1.0 / (1 + freed), a))
         elif freed:
-            scored.append((structure.cost[a] / freed, a))
+            seconds = structure.skippable.get(a, structure.cost[a])
+            scored.append((seconds / freed, a))
     return [a for _, a in sorted(scored)]
 
 
@@ -177,17 +181,32 @@ def scan(problem: Problem, evaluations: int = 48, deadline: float | None = None
 
 def _scan(problem: Problem, structure: Structure, evaluations: int,
           deadline: float | None = None) -> list[Candidate]:
-    order = ranking(problem, structure)
-    if not order:
-        return []
-    lengths = sorted({round(i * len(order) / (evaluations - 1)) for i in range(evaluations)})
+    # With skippable ops, both rankings, half the evaluations each: recomputing all
+    # of them first frees what eager's own backward would (a reversible stack's
+    # reconstruction); where most ops are skippable, the ranking by bytes per
+    # second reaches the budget with fewer of them run twice.
+    orders = [ranking(problem, structure)]
+    if structure.skippable:
+        orders.append(ranking(problem, structure, skippable_first=True))
+        evaluations = max(2, evaluations // 2)
     result = []
-    for length in coarse_to_fine(lengths):
-        if deadline is not None and time.perf_counter() >= deadline and result:
-            break
-        candidate = evaluate(problem, structure, set(order[:length]))
-        if candidate is not None:
-            result.append(candidate)
+    for done, order in enumerate(orders):
+        if not order:
+            continue
+        share = deadline
+        if deadline is not None:
+            now = time.perf_counter()
+            share = now + max(0.0, deadline - now) / (len(orders) - done)
+        lengths = sorted({round(i * len(order) / (evaluations - 1))
+                          for i in range(evaluations)})
+        found = []
+        for length in coarse_to_fine(lengths):
+            if share is not None and time.perf_counter() >= share and found:
+                break
+            candidate = evaluate(problem, structure, set(order[:length]))
+            if candidate is not None:
+                found.append(candidate)
+        result += found
     return result
 
 

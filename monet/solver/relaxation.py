@@ -106,6 +106,16 @@ class Relaxation:
                 else:
                     self.logic.append(([(w, 1.0), (redo[a], -1.0)], -math.inf, 0.0))
                     self.logic.append(([(w, 1.0), (pick[c, k], -1.0)], -math.inf, 0.0))
+        # A skippable op adds its seconds only when it runs twice: recomputed, and run
+        # in the forward for a kept value (run ≥ keep): seconds·(redo + run) less its
+        # seconds, as every real schedule recomputes it or runs it in the forward.
+        self.offset = 0.0
+        for r, seconds in st.skippable.items():
+            self.cost[redo[r]] = seconds
+            run = self._column(seconds)
+            self.offset -= seconds
+            for s in st.forced_by[r]:
+                self.logic.append(([(run, 1.0), (keep[s], -1.0)], 0.0, math.inf))
         for a, picks in st.no_redo.items():
             for c, k in picks:
                 self.logic.append(([(redo[a], 1.0), (pick[c, k], 1.0)], -math.inf, 1.0))
@@ -272,9 +282,11 @@ class Relaxation:
         if result.status == 2:  # proven infeasible
             return Relaxed(math.inf)
         if not integral:
-            return Relaxed(float(result.fun) if result.x is not None else -math.inf)
+            return Relaxed(float(result.fun) + self.offset if result.x is not None
+                           else -math.inf)
         dual = getattr(result, "mip_dual_bound", None)
-        bound = float(dual) if dual is not None and math.isfinite(dual) else -math.inf
+        bound = float(dual) + self.offset if dual is not None and math.isfinite(dual) else (
+            -math.inf)
         if result.x is None:
             return Relaxed(bound)
         x = result.x
