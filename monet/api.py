@@ -164,12 +164,12 @@ class _Budget:
         return self.eager_peaks[key]
 
     def __call__(self, args: tuple, kwargs: dict) -> Callable[[int], int]:
-        """Measure eager's peak now if needed; return keep-all peak → budget in bytes to plan for.
+        """Measure eager's peak now if needed; return eager-like plan's peak → budget in bytes.
 
         A fraction is of the unoptimised step's peak: the larger of eager's measured
-        peak and monet's keep-everything plan (which counts the step's outputs and
-        their gradients as live to the end, so it can exceed eager's by those bytes),
-        plus the reserve. The reserve is then taken off what the plan may use.
+        peak and monet's plan closest to eager (:func:`monet.solver.eager_like`: it
+        counts the step's outputs and their gradients as live to the end, so it can
+        exceed eager's by those bytes), plus the reserve. The reserve is then taken off what the plan may use.
         """
         if self.kind == "fraction" or self.measure:
             peak = self.eager_peak(args, kwargs)

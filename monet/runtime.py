@@ -33,7 +33,7 @@ from monet.graph import analyse
 from monet.lower import lower
 from monet.profile import ProfileCache, profile
 from monet.simulate import Simulation, program_of_graphs, simulate
-from monet.solver import Problem, Schedule, build_program, keep_all, solve
+from monet.solver import Problem, Schedule, build_program, eager_like, solve
 from monet.solver.schedule import InfeasibleBudgetError, format_bytes
 
 
@@ -355,7 +355,7 @@ class MonetModule(nn.Module):
             problem, stats = profile(
                 analysed, joint.real_primals, self._cache, config.profile_repeats, config.progress
             )
-            resolved = budget if isinstance(budget, int) else budget(keep_all(problem).predicted_peak)
+            resolved = budget if isinstance(budget, int) else budget(eager_like(problem).predicted_peak)
             problem = Problem(
                 problem.nodes, problem.storage_bytes, problem.graph_hash,
                 type(self.module).__name__, resolved,

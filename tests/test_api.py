@@ -224,3 +224,23 @@ def test_a_measured_peak_over_the_budget_is_replanned_below_it(monkeypatch):
     # Re-planned with the whole excess over the prediction taken off the budget.
     assert calls[1] <= calls[0] - 20_000
     assert report.measured_peak <= report.budget
+
+
+def test_a_fraction_is_of_the_plan_closest_to_eager_for_a_reversible_model():
+    """A reversible RevViT's keep-everything plan holds every reconstruction its eager
+    backward makes, far above eager's peak. The plan closest to eager recomputes them
+    at no added time, so a budget of 1.0 is eager's measured peak, and fits."""
+    import monet.models
+    from monet.solver import eager_like, keep_all
+
+    torch.manual_seed(0)
+    model = monet.models.create("revvit_tiny_test")
+    inputs = monet.models.example_inputs("revvit_tiny_test", batch=64)
+    optimized = monet.optimize(model, 1.0, inputs, time_limit=5, timing_repeats=0)
+    report = optimized.report()
+    problem = optimized.last_plan.problem
+    assert keep_all(problem).predicted_peak > report.eager_peak
+    assert eager_like(problem).predicted_peak <= report.eager_peak
+    assert eager_like(problem).predicted_overhead == 0
+    assert report.budget == report.eager_peak
+    assert report.measured_peak <= report.eager_peak

@@ -19,6 +19,7 @@ from monet.solver.coarsen import coarsen
 from monet.solver.heuristic import (
     Candidate,
     best_within,
+    evaluate,
     exchange,
     fastest_variants,
     fit_and_trim,
@@ -43,6 +44,7 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "build_program",
+    "eager_like",
     "format_bytes",
     "keep_all",
     "minimum_budget",
@@ -111,6 +113,24 @@ def keep_all(problem: Problem, variants: tuple[int, ...] | None = None) -> Sched
     structure = analyse(problem.apply(variants))
     kept = tuple(s for s in structure.decision_storages if s in structure.first_read)
     return _finish(problem, kept, (), None, "heuristic", "keep-all", 0.0, variants=variants)
+
+
+def eager_like(problem: Problem) -> Schedule:
+    """The schedule closest to eager's step, adding no time: keep-all, with every op only
+    the backward reads recomputed and not run in the forward, as eager's backward
+    runs it (a reversible block's reconstruction), where that lowers the peak."""
+    baseline = keep_all(problem)
+    variants = problem.default_variants()
+    applied = problem.apply(variants)
+    structure = analyse(applied)
+    skipped = set(structure.skippable) & structure.recomputable
+    if not skipped:
+        return baseline
+    found = evaluate(applied, structure, skipped)
+    if found is None or found.peak >= baseline.predicted_peak or found.overhead > 0:
+        return baseline
+    return _finish(problem, found.kept, found.recompute, None, "heuristic", "eager-like", 0.0,
+                   variants=variants)
 
 
 def _from_candidate(
