@@ -103,7 +103,7 @@ def schedule_for(
     outputs_of, recompute_reads = structure.outputs_of, structure.recompute_reads
     read = set().union(*(recompute_reads[a] for a in redo)) if redo else set()
     remade = set().union(*(outputs_of[a] for a in redo)) if redo else set()
-    needed = read | _read_by_backward(structure)
+    needed = read | structure.first_read.keys()
     kept = needed - remade
     if not redo <= structure.recomputable and any(
             s in needed for a in redo - structure.recomputable for s in outputs_of[a]):
@@ -120,14 +120,6 @@ def schedule_for(
         candidates += [slot[w] for w in readers.get(a, ()) if w in slot]
         slot[a] = min(candidates) if candidates else last
     return tuple(sorted(kept)), tuple(sorted(slot.items()))
-
-
-def _read_by_backward(structure: Structure) -> frozenset[int]:
-    """The decision storages some backward node reads (cached on the structure)."""
-    cached = structure.__dict__.get("_read_by_backward")
-    if cached is None:
-        cached = structure.__dict__["_read_by_backward"] = frozenset(structure.first_read)
-    return cached
 
 
 def ranking(problem: Problem, structure: Structure, skippable_first: bool = False

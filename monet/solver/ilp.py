@@ -206,7 +206,9 @@ def analyse(problem: Problem) -> Structure:
     # An op no forward output needs runs once in eager's step, for the backward.
     # Recomputed rather than run in the forward, it still runs once: it costs
     # nothing here, and ``skippable`` keeps its seconds for when it runs twice.
-    read_by_backward = _forward_ancestors(problem, backward)
+    # Forward nodes some backward node reads, directly or through forward nodes.
+    read_by_backward = _ancestors(problem, (k for i in backward for k in nodes[i].inputs
+                                            if nodes[k].phase == "forward"))
     skippable = {a: cost[a] for a in ops if a not in live and a in read_by_backward}
     forced_by = _forced_by(problem, skippable, owner, decision_set)
     cost.update(dict.fromkeys(skippable, 0.0))
@@ -302,30 +304,22 @@ def _forced_by(problem: Problem, skippable: dict[int, float], owner: dict[int, i
     return result
 
 
-def _forward_ancestors(problem: Problem, backward: list[int]) -> set[int]:
-    """Forward nodes some backward node reads, directly or through forward nodes."""
+def _ancestors(problem: Problem, start) -> set[int]:
+    """``start`` and every node they read, directly or not."""
     nodes = problem.nodes
-    stack = [k for i in backward for k in nodes[i].inputs if nodes[k].phase == "forward"]
+    stack = list(start)
     found: set[int] = set()
     while stack:
         i = stack.pop()
         if i not in found:
             found.add(i)
-            stack.extend(k for k in nodes[i].inputs if nodes[k].phase == "forward")
+            stack.extend(nodes[i].inputs)
     return found
 
 
 def runs_in_every_forward(problem: Problem, forward: list[int]) -> set[int]:
     """Forward nodes every schedule runs: the ancestors of the forward's outputs."""
-    nodes = problem.nodes
-    stack = [i for i in forward if nodes[i].is_output]
-    live: set[int] = set()
-    while stack:
-        i = stack.pop()
-        if i not in live:
-            live.add(i)
-            stack.extend(nodes[i].inputs)
-    return live
+    return _ancestors(problem, (i for i in forward if problem.nodes[i].is_output))
 
 
 def deferred_views(problem: Problem, forward: list[int], live: set[int] | None = None
