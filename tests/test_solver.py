@@ -25,6 +25,7 @@ from monet.solver import (
 from monet.solver.bound import budget_lower_bound, time_lower_bound
 from monet.solver.heuristic import recompute_seconds, variant_seconds
 from monet.solver.ilp import analyse
+from monet.solver.milp import model_profile
 from monet.solver.problem import Alternative, Choice, Override, structure_hash
 from monet.solver.random_graphs import random_problem, with_random_choices
 
@@ -334,9 +335,17 @@ def test_an_op_only_the_backward_reads_adds_its_time_only_when_it_runs_twice(bac
     assert run((1, 3), ((2, 0),)) == (18, pytest.approx(0.5))  # t in the forward and again
     assert run((1,), ((2, 0), (3, 0))) == (16, 0)  # each once, in the backward
     assert run((1, 2), ((3, 0),)) == (18, 0)  # t in the forward, u in the backward
+    # The exact models count t and u in the forward only where a kept value runs them
+    # (the last schedule keeps a for no reader, which they never do).
+    assert structure.exact
+    for kept, recompute in (((2, 3), ()), ((1, 3), ((2, 0),)), ((1,), ((2, 0), (3, 0)))):
+        assert max(model_profile(problem, kept, recompute)) == run(kept, recompute)[0]
+    least, lower = minimum_budget(problem, time_limit=2, backend=backend)
+    assert least.predicted_peak == lower == 15  # a recomputed as well: all three once
     for budget in (16, 18):
         schedule = solve(problem, budget, time_limit=2, backend=backend, coarsen_first=False)
         assert schedule.predicted_peak <= budget and schedule.predicted_overhead == 0
+        assert schedule.status == "optimal" and schedule.bound == 0
 
 
 def test_simulator_on_a_hand_built_graph():

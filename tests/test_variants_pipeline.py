@@ -31,7 +31,10 @@ KINDS.append(("vit", MLP))  # the ConvNet has no MLP
 
 
 @pytest.mark.parametrize("name,kind", KINDS)
-def test_every_site_runs_its_variant_and_matches_eager(name, kind, tmp_path):
+def test_every_site_runs_its_variant_and_matches_eager(name, kind, tmp_path, monkeypatch):
+    # Offered whatever their measured time (a kernel no faster than the captured one is
+    # left out, and on a busy machine that turns on timing noise): correctness is tested.
+    monkeypatch.setattr("monet.profile._worth_offering", lambda node, override: True)
     model, reference, x = _setup(name)
     # Forward kernels only where no discrete op downstream (a max-pool's argmax) can
     # turn their rounding into a different choice: the ViT.

@@ -325,8 +325,11 @@ def solve(
             f"{schedule.predicted_peak} exceeds the budget {budget}: a bug in ilp.py"
         )
     if fallback.predicted_overhead < schedule.predicted_overhead:
-        # CP-SAT stopped before matching its start point (hints are not binding).
-        return replace(fallback, budget=budget, status="feasible", bound=bound, floor=floor,
+        # CP-SAT stopped before matching its start point (hints are not binding), or
+        # proved an optimum the start beats by its rounding to whole nanoseconds.
+        proven = solution.status == "optimal" or bound >= fallback.predicted_overhead
+        return replace(fallback, budget=budget, status="optimal" if proven else "feasible",
+                       bound=fallback.predicted_overhead if proven else bound, floor=floor,
                        solve_seconds=seconds)
     return schedule
 

@@ -94,7 +94,9 @@ def deferrable_bytes(problem: Problem, st: Structure, live: set[int] | None = No
     needed_until: dict[int, int] = {}
     for i in st.forward:
         if i not in live:
-            if i not in touched:  # a touched node's workspace is a conditional term instead
+            # A touched node's workspace is a conditional term instead, and a node the
+            # forward runs only for kept values has optional terms, not fixed ones.
+            if i not in touched and i not in st.conditional:
                 leave_out(f_pos[i], f_pos[i], nodes[i].workspace)
             continue
         for k in nodes[i].inputs:
@@ -104,6 +106,8 @@ def deferrable_bytes(problem: Problem, st: Structure, live: set[int] | None = No
         if s in dropped:
             continue
         a = owner[s]
+        if a in st.conditional:
+            continue
         if a not in live:
             leave_out(f_pos[a], st.forward_death[s], sizes[s])
         else:

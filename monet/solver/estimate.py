@@ -5,14 +5,14 @@ value) and simulating each costs tens of milliseconds on the zoo's graphs.
 The model of :mod:`monet.solver.ilp` gives each storage one interval of the
 time axis; summing the intervals of one schedule takes about a millisecond.
 Its peak is never below the simulated one (it counts every recomputation of a
-slot as made when the first runs, and the forward ops no output needs as if
-they ran), and equals it on most schedules, so the heuristics rank
-their moves with it and simulate only the best.
+slot as made when the first runs), and equals it on most schedules, so the
+heuristics rank their moves with it and simulate only the best.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 
 from monet.solver.ilp import Structure
 from monet.solver.problem import Problem
@@ -43,6 +43,25 @@ class PeakModel:
                       structure.recompute_reads[a] else empty for a in structure.ops}
         self.outputs = {a: np.asarray(structure.outputs_of[a], dtype=np.int64)
                         for a in structure.ops}
+        # The optional terms (``Structure.optional``): which nodes the kept storages
+        # make the forward run, and which terms those runs switch on.
+        runners = list(structure.forced_by)
+        index = {i: r for r, i in enumerate(runners)}
+        self.forcing = sparse.csr_matrix(
+            (np.ones(sum(map(len, structure.forced_by.values()))),
+             ([index[i] for i in runners for _ in structure.forced_by[i]],
+              [s for i in runners for s in structure.forced_by[i]])),
+            shape=(len(runners), count))
+        optional = structure.optional
+        self.switched = sparse.csr_matrix(
+            (np.ones(sum(len(o[0]) for o in optional)),
+             ([t for t, o in enumerate(optional) for _ in o[0]],
+              [index[i] for o in optional for i in o[0]])),
+            shape=(len(optional), len(runners)))
+        self.optional_storage = np.asarray([o[1] for o in optional], dtype=np.int64)
+        self.optional_span = (np.asarray([o[2] for o in optional], dtype=np.int64),
+                              np.asarray([o[3] for o in optional], dtype=np.int64),
+                              np.asarray([o[4] for o in optional], dtype=np.float64))
 
     def first_point(self, s: int) -> int:
         """The point of the first backward node that reads storage ``s`` (past the axis:
@@ -76,14 +95,22 @@ class PeakModel:
     def profile(self, kept, recompute) -> np.ndarray:
         """Bytes the model counts at each point of the time axis for ``kept`` storages
         and ``recompute`` ((op, slot) pairs, as in a ``Schedule``)."""
-        return self._sum(self.intervals(kept, recompute), recompute)
+        return self._sum(self.intervals(kept, recompute), recompute, kept)
 
-    def _sum(self, intervals, recompute) -> np.ndarray:
+    def _sum(self, intervals, recompute, kept) -> np.ndarray:
         starts, stops, storages = intervals
         amounts = self.sizes[storages]
         # Byte counts stay far below 2**53, so float weights add them exactly.
         delta = (np.bincount(starts, amounts, self.points + 1)
                  - np.bincount(stops + 1, amounts, self.points + 1))
+        if len(self.optional_storage):
+            mask = np.zeros(len(self.sizes) + 1)  # the last entry stands for "no storage"
+            mask[np.fromiter(kept, dtype=np.int64)] = 1.0
+            runs = (self.forcing @ mask[:-1]) > 0
+            on = ((self.switched @ runs) > 0) & (mask[self.optional_storage] == 0)
+            first, last, amount = self.optional_span
+            delta += (np.bincount(first[on], amount[on], self.points + 1)
+                      - np.bincount(last[on] + 1, amount[on], self.points + 1))
         profile = self.base + np.cumsum(delta[:-1]).astype(np.int64)
         # The recomputations of one slot run one after another: at most the largest
         # workspace is live at once (the CP-SAT model sums them).
@@ -103,7 +130,7 @@ class PeakModel:
         """The model's peak, the first point where it is reached, and the storages the
         schedule keeps or recomputes that are live there."""
         intervals = self.intervals(kept, recompute)
-        profile = self._sum(intervals, recompute)
+        profile = self._sum(intervals, recompute, kept)
         if not len(profile):
             return 0, 0, []
         point = int(profile.argmax())

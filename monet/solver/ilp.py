@@ -11,6 +11,10 @@ MOCCASIN, Bartan et al. 2023), so the program has O(n) variables:
   outputs then live from ``2·slot[a]`` to ``end[s]``;
 * ``end[s]``    the last backward point at which ``s`` is live.
 
+* ``run[i]``    a forward node no output needs runs in the forward (a kept value
+  it feeds needs it: ``run ≥ keep``); its outputs, reads and workspace there are
+  optional intervals on it (``Structure.optional``).
+
 Minimise Σ redo[a]·time[a] subject to: every storage a backward node reads is
 kept or recomputed no later than its first reader; a recomputation reads only
 kept or earlier-recomputed storages; random and side-effecting ops are never
@@ -57,10 +61,10 @@ class Structure:
     variants; 0 for a ``skippable`` op."""
     workspace: dict[int, int] = field(default_factory=dict)
     exact: bool = True
-    """Whether this model's peaks are the simulator's. A forward node no output needs
-    that is not a deferred view (an op only the backward reads) is counted in the
-    forward here, where the program skips it unless its value is kept: the model's
-    schedules still fit, but its optimum and bound hold for those schedules only."""
+    """Whether this model's peaks are the simulator's. Not where two choices' variants
+    read one storage in the forward, nor where a variant overrides a forward node no
+    output needs (both counted as their worst case: the model's schedules still fit,
+    but its optimum and bound hold for those schedules only)."""
     # Operator variants. A node some alternative overrides is *touched*: its
     # reads, workspace and time are left out of everything above and given per
     # alternative here, to be switched on by the choice.
@@ -89,8 +93,17 @@ class Structure:
     it. Its ``cost`` is 0: recomputed, it adds nothing unless the forward runs it
     too, which :func:`monet.solver.heuristic.recompute_seconds` charges."""
     forced_by: dict[int, list[int]] = field(default_factory=dict)
-    """Skippable op → the decision storages whose keeping makes the forward run it
-    (its own and those of the forward ops that read it, transitively)."""
+    """Forward node the program runs only where a kept value needs it (a skippable op,
+    any node no output needs but a deferred view) → the decision storages whose
+    keeping makes the forward run it (those its readers allocate, transitively)."""
+    conditional: frozenset[int] = frozenset()
+    """Forward nodes no output needs, neither deferred views nor overridden by a variant:
+    the program runs them only for kept values, and ``optional`` holds their bytes."""
+    optional: list[tuple[tuple[int, ...], int, int, int, int]] = field(default_factory=list)
+    """(nodes, storage, first, last, bytes): bytes live over the forward points
+    ``first..last`` when one of ``nodes`` (keys of ``forced_by``) runs and, unless
+    ``storage`` is -1, that storage is not kept (kept, it is live there anyway): the
+    storages, reads and workspace of the nodes the forward runs only for kept values."""
 
 
 def analyse(problem: Problem) -> Structure:
@@ -139,8 +152,14 @@ def analyse(problem: Problem) -> Structure:
     # the forward only when it is kept anyway (deferred views: a saved transpose).
     live = runs_in_every_forward(problem, forward)
     deferred = deferred_views(problem, forward, live)
+    # Nodes the program runs in the forward only for kept values: their bytes are
+    # optional terms (``Structure.optional``), not fixed ones.
+    conditional = [i for i in forward if i not in live and i not in deferred and i not in touched]
+    conditional_set = set(conditional)
     for i in forward:
         n = nodes[i]
+        if i in conditional_set:
+            continue
         held = set() if i in deferred and i not in touched else set(n.storages)
         if i not in touched:  # a touched node's reads depend on the choice: _forward_extensions
             held |= {s for k in n.inputs for s in nodes[k].storages} - (
@@ -156,8 +175,11 @@ def analyse(problem: Problem) -> Structure:
     extensions, shared = _forward_extensions(problem, f_pos, decision_set, dropped,
                                              forward_death)
     for s in decision:
-        if s not in dropped:
+        forward_death.setdefault(s, f_pos[owner[s]])
+        if s not in dropped and owner[s] not in conditional_set:
             add(f_pos[owner[s]], forward_death[s], sizes[s])
+    optional = _optional_terms(problem, conditional, f_pos, decision_set, dropped, owner,
+                               forward_death)
     # Backward: storages allocated by backward nodes are fixed; reads of forward
     # storages (directly or through backward views) set first/last reads.
     storage_death: dict[int, int] = {}
@@ -210,15 +232,17 @@ def analyse(problem: Problem) -> Structure:
     read_by_backward = _ancestors(problem, (k for i in backward for k in nodes[i].inputs
                                             if nodes[k].phase == "forward"))
     skippable = {a: cost[a] for a in ops if a not in live and a in read_by_backward}
-    forced_by = _forced_by(problem, skippable, owner, decision_set)
+    forced_by = _forced_by(problem, [*conditional, *skippable], owner, decision_set)
     cost.update(dict.fromkeys(skippable, 0.0))
     recomputable = {a for a in ops if nodes[a].recomputable}
     workspace = {a: nodes[a].workspace for a in ops}
     structure = Structure(
         forward, backward, points, fixed, decision, ops, outputs_of, forward_death,
         first_read, last_read, recompute_reads, readers, recomputable, cost, workspace,
-        exact=all(i in live or i in deferred for i in forward) and not shared,
+        exact=not shared and not any(i not in live and i not in deferred for i in touched
+                                     if i in f_pos),
         extensions=extensions, skippable=skippable, forced_by=forced_by,
+        conditional=frozenset(conditional), optional=optional,
     )
     if problem.choices:
         _add_choices(problem, structure, owner_of, f_pos, b_pos, decision_set)
@@ -278,10 +302,54 @@ def _forward_extensions(problem: Problem, f_pos, decision_set: set[int], dropped
     return extensions, shared
 
 
-def _forced_by(problem: Problem, skippable: dict[int, float], owner: dict[int, int],
+def _optional_terms(problem: Problem, conditional: list[int], f_pos, decision_set: set[int],
+                    dropped, owner: dict[int, int], forward_death: dict[int, int]):
+    """See ``Structure.optional``: a conditional node's own storages (from it to their
+    last reader that always runs), its workspace, and how far its reads hold storages
+    past that (one piece per reader, live while a reader at or after it runs)."""
+    nodes, sizes = problem.nodes, problem.storage_bytes
+    optional: list[tuple[tuple[int, ...], int, int, int, int]] = []
+    reach: dict[int, list[tuple[int, int]]] = {}  # storage → (position, conditional reader)
+    for i in conditional:
+        n = nodes[i]
+        if n.workspace:
+            optional.append(((i,), -1, f_pos[i], f_pos[i], n.workspace))
+        for s in n.allocates:
+            if s in decision_set and s not in dropped:
+                optional.append(((i,), -1, f_pos[i], forward_death[s], sizes[s]))
+        held = set(n.storages) | {s for k in n.inputs for s in nodes[k].storages}
+        for s in held & decision_set:
+            if f_pos[i] > forward_death[s] and s not in dropped:
+                reach.setdefault(s, []).append((f_pos[i], i))
+    for s, readers in reach.items():
+        readers.sort()
+        start = forward_death[s] + 1
+        for k, (position, _) in enumerate(readers):
+            if position >= start:
+                later = tuple(i for _, i in readers[k:])
+                optional.append((later, s, start, position, sizes[s]))
+                start = position + 1
+    return optional
+
+
+def running(structure: Structure, kept) -> set[int]:
+    """The forward nodes of ``Structure.forced_by`` the program runs for ``kept``."""
+    kept = set(kept)
+    return {i for i, forcing in structure.forced_by.items() if any(s in kept for s in forcing)}
+
+
+def optional_bytes(structure: Structure, kept) -> list[tuple[int, int, int]]:
+    """(first, last, bytes) of the ``Structure.optional`` terms live for ``kept``."""
+    kept = set(kept)
+    runs = running(structure, kept)
+    return [(first, last, amount) for nodes, s, first, last, amount in structure.optional
+            if (s == -1 or s not in kept) and any(i in runs for i in nodes)]
+
+
+def _forced_by(problem: Problem, conditional, owner: dict[int, int],
                decision_set: set[int]) -> dict[int, list[int]]:
     """See ``Structure.forced_by``: a kept storage makes the forward run the op that
-    allocates it and every op before it that op reads."""
+    allocates it and every node before it that op reads."""
     nodes = problem.nodes
     readers: dict[int, list[int]] = {}
     for i, n in enumerate(nodes):
@@ -293,7 +361,7 @@ def _forced_by(problem: Problem, skippable: dict[int, float], owner: dict[int, i
         if s in decision_set:
             by_op.setdefault(a, []).append(s)
     result = {}
-    for r in skippable:
+    for r in conditional:
         stack, seen = [r], set()
         while stack:
             i = stack.pop()
@@ -555,6 +623,24 @@ def solve_cpsat(
         intervals.append(model.NewOptionalFixedSizeIntervalVar(
             first, last - first + 1, extended, f"ext{s}_{c}_{k}"))
         demands.append(sizes[s])
+    # Forward nodes that run only for kept values: run ≥ keep of what they feed.
+    run = {}
+    for i, forcing in st.forced_by.items():
+        run[i] = model.NewBoolVar(f"run{i}")
+        for s in forcing:
+            model.AddImplication(keep[s], run[i])
+        if hint is not None:
+            model.AddHint(run[i], any(s in set(hint[0]) for s in forcing))
+    for index, (runners, s, first, last, amount) in enumerate(st.optional):
+        if len(runners) == 1 and s == -1:
+            active = run[runners[0]]
+        else:  # one of the runners runs and s is not kept
+            active = model.NewBoolVar(f"opt{index}")
+            for i in runners:
+                model.AddBoolOr([run[i].Not(), active] + ([keep[s]] if s != -1 else []))
+        intervals.append(model.NewOptionalFixedSizeIntervalVar(
+            first, last - first + 1, active, f"opt{index}"))
+        demands.append(amount)
     for a in st.ops:
         if st.workspace[a] and backward_points:
             start = model.NewIntVar(n_forward, last_point, f"wsstart{a}")
@@ -582,6 +668,7 @@ def solve_cpsat(
         most += sum(amount for *_, amount in st.conditional_workspace)
         most += sum(sum(amounts) for _, amounts in st.redo_workspace.values())
         most += sum(sizes[s] for _, _, s, _, _ in st.extensions)
+        most += sum(amount for *_, amount in st.optional)
         capacity = model.NewIntVar(0, most, "capacity")
         model.AddCumulative(intervals, demands, capacity)
         model.Minimize(capacity)
@@ -592,12 +679,7 @@ def solve_cpsat(
         terms = [weights[a] * redo[a] for a in st.ops]
         for r in st.skippable:
             # Run once (kept from the forward, or recomputed) it adds nothing; twice, its time.
-            run = model.NewBoolVar(f"run{r}")
-            for s in st.forced_by[r]:
-                model.AddImplication(keep[s], run)
-            terms += [weights[r] * run, -weights[r]]
-            if hint is not None:
-                model.AddHint(run, any(s in set(hint[0]) for s in st.forced_by[r]))
+            terms += [weights[r] * run[r], -weights[r]]
         terms += [round(d * TIME_SCALE) * pick[ck] for ck, d in st.step_delta.items() if d]
         for a, deltas in st.redo_delta.items():
             for c, k, d in deltas:

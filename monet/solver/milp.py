@@ -37,7 +37,10 @@ are not kept; storages no one reads are never kept, and ones only
 recomputations read are kept only if one of those runs; non-recomputable ops
 are never redone. At every point ``p``:
 ``fixed[p] + Σ_s bytes[s]·alive[s, p] + Σ_a workspace[a]·slot[a, (p-F)/2] ≤
-capacity`` (the budget, or a variable to minimise). The objective is the
+capacity`` (the budget, or a variable to minimise), plus the
+``Structure.optional`` bytes of forward nodes no output needs, through
+``run ≥ keep`` columns (a node runs where a kept value it feeds needs it). The
+objective is the
 same integer one as CP-SAT's (``redo_weights`` per recomputation, a skippable
 op's again where a kept value makes the forward run it too; or the capacity), and the MIP gap is closed to below 1, so "optimal" means
 the same optimum as CP-SAT's.
@@ -71,6 +74,7 @@ from monet.solver.ilp import (
     Structure,
     analyse,
     conditional_readers,
+    optional_bytes,
     redo_weights,
 )
 from monet.solver.problem import Problem
@@ -142,6 +146,9 @@ def model_profile(
             profile[p] += sizes[s]
     for a, j in slot_of.items():
         profile[n_forward + 2 * j] += st.workspace[a]
+    for first, last, amount in optional_bytes(st, kept_set):
+        for p in range(first, last + 1):
+            profile[p] += amount
     return profile
 
 
@@ -266,6 +273,21 @@ def solve_milp(
               lower=0.0)
         for p in range(first, last + 1):
             workspace_at[p] = _sum(workspace_at.get(p), {extended: float(sizes[s])})
+    # Forward nodes that run only for kept values (run ≥ keep of what they feed), and
+    # the bytes they hold while they run: z ≥ run - keep[s] (z ≥ run without s).
+    run: dict[int, int] = {}
+    for i, forcing in st.forced_by.items():
+        run[i] = m.column(False)
+        for s in forcing:
+            if s in keep:
+                m.row({run[i]: 1.0, keep[s]: -1.0}, lower=0.0)
+    for runners, s, first, last, amount in st.optional:
+        active = m.column(False)
+        for i in runners:
+            m.row(_sum({active: 1.0, run[i]: -1.0}, {keep[s]: 1.0} if s in keep else None),
+                  lower=0.0)
+        for p in range(first, last + 1):
+            workspace_at[p] = _sum(workspace_at.get(p), {active: float(amount)})
     for p in range(n_forward):
         terms = {keep[s]: float(sizes[s]) for s in keep if st.forward_death[s] < p}
         memory_row(_sum(terms, workspace_at.get(p)), p)
@@ -326,13 +348,6 @@ def solve_milp(
             variant_weights[both] = float(round(d * TIME_SCALE))
     # A skippable op adds its time when it runs twice: recomputed, and run in the
     # forward because a value kept from it or from its readers needs it (run ≥ keep).
-    run: dict[int, int] = {}
-    for r in st.skippable:
-        forcing = [keep[s] for s in st.forced_by[r] if s in keep]
-        if forcing:
-            run[r] = m.column(False)
-            for column in forcing:
-                m.row({run[r]: 1.0, column: -1.0}, lower=0.0)
     objective = np.zeros(m.columns)
     if capacity is not None:
         objective[capacity] = 1.0
@@ -341,8 +356,8 @@ def solve_milp(
             objective[column] = float(weights[a])
         for column, weight in variant_weights.items():
             objective[column] += weight
-        for r, column in run.items():
-            objective[column] += float(weights[r])
+        for r in st.skippable:
+            objective[run[r]] += float(weights[r])
 
     result = _run(m, objective, time_limit - (time.perf_counter() - started), budget, stop_at,
                   log_callback)
@@ -382,8 +397,11 @@ def solve_milp(
     slots = dict(recompute)
     for a, deltas in st.redo_delta.items():
         cost += sum(round(d * TIME_SCALE) for c, k, d in deltas if a in slots and variants[c] == k)
+    # The objective charges a skippable op's run alone; its constant ``- weight`` is here.
+    offset = -sum(weights[r] for r in st.skippable)
     return Solution(kept, recompute, status, cost / TIME_SCALE,
-                    None if bound is None else bound / TIME_SCALE, None, seconds, variants)
+                    None if bound is None else (bound + offset) / TIME_SCALE, None, seconds,
+                    variants)
 
 
 def _run(
