@@ -65,6 +65,9 @@ FIT_SHARE = 0.3
 when nothing fits."""
 EXCHANGE_SHARE = 0.35
 """Share of ``solve``'s time limit for the exchange search on the best start that fits."""
+FALLBACK_SHARE = 0.5
+"""Least share of ``solve``'s time limit for the search for any fitting schedule when no
+quick start fits (the solve may then take up to half its limit longer)."""
 FIXED_SHARE = 0.5
 """Share of ``minimum_budget``'s time left for the exact back end with the start's variants
 fixed, before the joint model."""
@@ -324,10 +327,13 @@ def solve(
         start = exchange(problem, start, budget, exchange_until)
         fallback = _from_candidate(problem, start, budget, "heuristic", 0.0)
     else:
-        # Search for any schedule that fits with the time left; it also says
-        # whether the budget can be met at all.
+        # Search for any schedule that fits; it also says whether the budget can be
+        # met at all. The quick phases have spent most of the limit by now, and CP-SAT's
+        # least-peak model needs seconds on the zoo's graphs (MViTv2-T: a budget 0.4 of
+        # eager's peak refused, least found 375 MiB, where its own search finds 347).
         fallback, lower = minimum_budget(
-            problem, max(_left(deadline), MIN_EXACT_SECONDS), stop_at=budget,
+            problem, max(_left(deadline), FALLBACK_SHARE * time_limit, MIN_EXACT_SECONDS),
+            stop_at=budget,
             candidates=candidates, backend=backend,
         )
         if fallback.budget > budget:
