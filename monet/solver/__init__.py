@@ -190,7 +190,7 @@ def minimum_budget(
         starts = list(by_vector.values())
         for done, begin in enumerate(starts):
             share = time.perf_counter() + (descent - time.perf_counter()) / (len(starts) - done)
-            lowered = _on_applied(problem, begin, partial(_descend, deadline=share))
+            lowered = _on_applied(problem, begin, partial(lower_peak, deadline=share))
             if lowered is not None and lowered.peak < start.peak:
                 start = lowered
             if stop_at is not None and start.peak <= stop_at:
@@ -232,10 +232,6 @@ def minimum_budget(
         f"{backend}-min-peak", None, seconds, solution.variants,
     )
     return schedule, lower
-
-
-def _descend(applied: Problem, plain: Candidate, deadline: float) -> Candidate:
-    return lower_peak(applied, plain, deadline)
 
 
 def _least_peak_exact(problem: Problem, start: Candidate, backend: str, time_limit: float,

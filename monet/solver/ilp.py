@@ -9,8 +9,7 @@ MOCCASIN, Bartan et al. 2023), so the program has O(n) variables:
 * ``keep[s]``   storage ``s`` stays from its last forward use to ``end[s]``;
 * ``redo[a]``   op ``a`` is recomputed at backward slot ``slot[a]``; its
   outputs then live from ``2·slot[a]`` to ``end[s]``;
-* ``end[s]``    the last backward point at which ``s`` is live.
-
+* ``end[s]``    the last backward point at which ``s`` is live;
 * ``run[i]``    a forward node no output needs runs in the forward (a kept value
   it feeds needs it: ``run ≥ keep``); its outputs, reads and workspace there are
   optional intervals on it (``Structure.optional``).
@@ -63,8 +62,9 @@ class Structure:
     exact: bool = True
     """Whether this model's peaks are the simulator's. Not where two choices' variants
     read one storage in the forward, nor where a variant overrides a forward node no
-    output needs (both counted as their worst case: the model's schedules still fit,
-    but its optimum and bound hold for those schedules only)."""
+    output needs or leaves one's value out (all counted as their worst case: the
+    model's schedules still fit, but its optimum and bound hold for those schedules
+    only)."""
     # Operator variants. A node some alternative overrides is *touched*: its
     # reads, workspace and time are left out of everything above and given per
     # alternative here, to be switched on by the choice.
@@ -239,8 +239,11 @@ def analyse(problem: Problem) -> Structure:
     structure = Structure(
         forward, backward, points, fixed, decision, ops, outputs_of, forward_death,
         first_read, last_read, recompute_reads, readers, recomputable, cost, workspace,
+        # A variant's reads or dropped values in nodes the forward may skip are counted
+        # as if those nodes always ran.
         exact=not shared and not any(i not in live and i not in deferred for i in touched
-                                     if i in f_pos),
+                                     if i in f_pos)
+        and not any(owner[s] in conditional_set for s in dropped),
         extensions=extensions, skippable=skippable, forced_by=forced_by,
         conditional=frozenset(conditional), optional=optional,
     )
