@@ -169,7 +169,8 @@ class _Budget:
         A fraction is of the unoptimised step's peak: the larger of eager's measured
         peak and monet's plan closest to eager (:func:`monet.solver.eager_like`: it
         counts the step's outputs and their gradients as live to the end, so it can
-        exceed eager's by those bytes), plus the reserve. The reserve is then taken off what the plan may use.
+        exceed eager's by those bytes), plus the reserve. The reserve is then taken off
+        what the plan may use.
         """
         if self.kind == "fraction" or self.measure:
             peak = self.eager_peak(args, kwargs)

@@ -628,12 +628,13 @@ def solve_cpsat(
         demands.append(sizes[s])
     # Forward nodes that run only for kept values: run ≥ keep of what they feed.
     run = {}
+    runs_in_hint = running(st, hint[0]) if hint is not None else set()
     for i, forcing in st.forced_by.items():
         run[i] = model.NewBoolVar(f"run{i}")
         for s in forcing:
             model.AddImplication(keep[s], run[i])
         if hint is not None:
-            model.AddHint(run[i], any(s in set(hint[0]) for s in forcing))
+            model.AddHint(run[i], i in runs_in_hint)
     for index, (runners, s, first, last, amount) in enumerate(st.optional):
         if len(runners) == 1 and s == -1:
             active = run[runners[0]]

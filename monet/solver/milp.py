@@ -76,6 +76,7 @@ from monet.solver.ilp import (
     conditional_readers,
     optional_bytes,
     redo_weights,
+    running,
 )
 from monet.solver.problem import Problem
 from monet.solver.program import storage_owner
@@ -391,8 +392,8 @@ def solve_milp(
         # Only a rounding of a numerically loose solution could get here.
         return Solution((), (), "unknown", float("inf"), None, None, seconds)
     cost = sum(weights[a] for a, _ in recompute)
-    cost += sum(weights[r] * (any(s in kept for s in st.forced_by[r]) - 1)
-                for r in st.skippable)
+    runs = running(st, kept)
+    cost += sum(weights[r] * ((r in runs) - 1) for r in st.skippable)
     cost += sum(round(st.step_delta[c, k] * TIME_SCALE) for c, k in enumerate(variants))
     slots = dict(recompute)
     for a, deltas in st.redo_delta.items():
