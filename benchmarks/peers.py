@@ -312,6 +312,7 @@ def monet_entry(
     entry.row.update(
         budget_bytes=budget,
         predicted_peak_bytes=plan.schedule.predicted_peak,
+        predicted_added_s=plan.schedule.predicted_overhead,
         prepare_s=sum(plan.seconds.values()),
         solve_s=plan.schedule.solve_seconds,
         status=f"{plan.schedule.status} ({plan.schedule.backend})",
@@ -350,6 +351,7 @@ def monet_least_entry(subject: Subject, time_limit: float, method: str = MONET) 
     entry.row.update(
         budget_bytes=schedule.predicted_peak,
         predicted_peak_bytes=plan.schedule.predicted_peak,
+        predicted_added_s=plan.schedule.predicted_overhead,
         prepare_s=time.perf_counter() - started,
         solve_s=schedule.solve_seconds,
         status=f"{schedule.status} ({schedule.backend})",
@@ -647,6 +649,46 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(header, table)
 
 
+def model_summary(rows: list[dict[str, Any]]) -> str:
+    """The summary table, and the variants table where both monet methods ran."""
+    return "\n\n".join(filter(None, (summary_table(rows), variants_table(rows))))
+
+
+def variants_table(rows: list[dict[str, Any]]) -> str:
+    """Joint against checkpoint-only at each setting both ran: measured peaks, the median
+    over rounds of joint's step time over checkpoint-only's in the same round (a
+    neighbour's burst hits both), and the solver's predicted added time, which no
+    round's noise blurs. Empty without both methods."""
+    joint = {r["setting"]: r for r in rows if r["method"] == MONET}
+    alone = {r["setting"]: r for r in rows if r["method"] == MONET_CHECKPOINT}
+    table = []
+    for setting in [s for s in joint if s in alone]:
+        mine, theirs = joint[setting], alone[setting]
+        ratio = "-"
+        if mine.get("times_s") and theirs.get("times_s"):
+            pairs = zip(str(mine["times_s"]).split(), str(theirs["times_s"]).split())
+            ratios = sorted(float(a) / float(b) for a, b in pairs)
+            ratio = (f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})")
+        table.append([
+            setting,
+            number(mine.get("peak_bytes"), 1, MIB), number(theirs.get("peak_bytes"), 1, MIB),
+            number(mine.get("overhead"), 2, suffix="x"),
+            number(theirs.get("overhead"), 2, suffix="x"), ratio,
+            number(mine.get("predicted_added_s"), 0, 1e-3),
+            number(theirs.get("predicted_added_s"), 0, 1e-3),
+            mine.get("variants") or mine.get("error") or "",
+            "" if theirs.get("peak_bytes") is not None else theirs.get("error") or "",
+        ])
+    if not table:
+        return ""
+    header = ["setting", "peak MiB joint", "checkpoint-only", "time/eager joint",
+              "checkpoint-only", "joint/checkpoint-only time (range)",
+              "predicted added ms joint", "checkpoint-only", "joint's variants / error",
+              "checkpoint-only error"]
+    return ("Operator variants: monet (joint) against monet checkpoint-only\n\n"
+            + markdown_table(header, table))
+
+
 def frontier_table(rows: list[dict[str, Any]]) -> str:
     table = []
     for r in rows:
@@ -660,12 +702,13 @@ def frontier_table(rows: list[dict[str, Any]]) -> str:
             number(r.get("overhead"), 2, suffix="x")
             + (f" ({r['overhead_min']:.2f}-{r['overhead_max']:.2f})"
                if r.get("overhead_min") is not None else ""),
+            number(r.get("predicted_added_s"), 1, 1e-3),
             number(r.get("prepare_s"), 1),
             grads, r.get("variants") or "",
             "; ".join(str(r[k]) for k in ("error", "note") if r.get(k)),
         ])
     header = ["method", "setting", "peak MiB", "peak/eager", "median step s",
-              "time/eager (range)", "solve/compile s", "grads = eager", "operator variants",
+              "time/eager (range)", "predicted added ms", "solve/compile s", "grads = eager", "operator variants",
               "error / note"]
     return markdown_table(header, table)
 
@@ -887,7 +930,7 @@ def main(
             plot_timeline(timelines, shown, timeline_png, f"{subject.label}, batch {subject.batch}: memory through "
                           f"one step, eager vs monet at {TIMELINE_BUDGET:g} of eager's peak")
             figures.append((subject.label, frontier_png, timeline_png))
-            summaries = {label: summary_table([r for r in rows if r["model"] == label])
+            summaries = {label: model_summary([r for r in rows if r["model"] == label])
                          for label, _, _ in figures}
             # After every model: a run stopped midway keeps the models it finished.
             write_outputs(arguments, argv, rows, summaries, figures,
@@ -914,7 +957,7 @@ def write_outputs(
     columns = [
         "model", "batch", "inputs", "method", "setting", "peak_bytes", "peak_over_eager",
         "step_s", "eager_step_s", "overhead", "overhead_min", "overhead_max", "prepare_s", "solve_s", "budget_bytes",
-        "predicted_peak_bytes", "minimum_bytes", "status", "grads_equal", "max_grad_diff",
+        "predicted_peak_bytes", "predicted_added_s", "minimum_bytes", "status", "grads_equal", "max_grad_diff",
         "grads_note", "error", "note", "memory_method", "times_s", "wall_s",
     ]
     frame = pd.DataFrame(rows)
