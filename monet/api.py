@@ -89,6 +89,9 @@ class Report:
     """Op (joint-graph node) → the implementation it runs, where not the captured one."""
     variant_sites: int = 0
     """Ops that had alternative implementations to choose from."""
+    lossy: tuple[str, ...] = ()
+    """Ops of ``variants`` whose implementation changes results beyond float rounding
+    (asked for with ``lossy_variants``): their gradients are not eager's."""
 
     @property
     def overhead(self) -> float | None:
@@ -136,7 +139,11 @@ class Report:
             f"  variants          {len(self.variants)} of {self.variant_sites} ops run another "
             "implementation"
         )
-        lines += [f"    {op:<30} {name}" for op, name in sorted(self.variants.items())]
+        lines += [f"    {op:<30} {name}" + ("  (lossy)" if op in self.lossy else "")
+                  for op, name in sorted(self.variants.items())]
+        if self.lossy:
+            lines.append(f"  lossy             {len(self.lossy)} ops change results beyond float "
+                         "rounding: gradients differ from eager's")
         return "\n".join(lines)
 
 
@@ -216,6 +223,11 @@ class OptimizedModule(MonetModule):
                 if picked
             },
             variant_sites=len(plan.problem.choices),
+            lossy=tuple(
+                choice.name
+                for choice, picked in zip(plan.problem.choices, schedule.variants)
+                if picked and choice.alternatives[picked].lossy
+            ),
         )
 
 

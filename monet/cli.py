@@ -243,7 +243,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     _note(f"capturing and profiling {args.model} at batch {batch} ...")
     started = time.perf_counter()
     optimized = monet.optimize(
-        model, planning_budget, inputs, measure=False, progress=args.verbose
+        model, planning_budget, inputs, measure=False, progress=args.verbose,
+        lossy_variants=args.lossy_variants,
     )
     seconds = time.perf_counter() - started
     plan = optimized.last_plan
@@ -471,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--budget", type=budget_arg, default=None,
                          help="budget to store in the problem (default: none)")
     profile.add_argument("-o", "--output", type=Path, required=True, help="problem JSON to write")
+    profile.add_argument("--lossy-variants", action="store_true",
+                         help="also offer lossy variants (activations kept in bfloat16)")
     profile.add_argument("-v", "--verbose", action="store_true", help="show profiling progress")
     profile.set_defaults(run=cmd_profile)
 

@@ -96,27 +96,17 @@ def analyse(
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     primals = [n for n in placeholders if not n.name.startswith("tangents")]
     tangents = [n for n in placeholders if n.name.startswith("tangents")]
-    body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    # Forward nodes: everything that does not depend on a tangent. Autograd
-    # places some of these in the backward (a detach or transpose of a saved
-    # activation, a norm's saved statistics); they are still functions of the
-    # forward, so each is either computed in the forward and saved, or
-    # recomputed, and the solver chooses, instead of pinning its input from
-    # the start of the backward.
-    backward: set[fx.Node] = set(tangents)
-    for n in body:
-        if any(m in backward for m in n.all_input_nodes):
-            backward.add(n)
-    forward = {n for n in body if n not in backward}
-    for n in body:
-        if n.op != "call_function":
-            raise NotImplementedError(f"joint graph node {n.name} is a {n.op}; expected calls only")
-    order = (
-        primals
-        + [n for n in body if n in forward]
-        + tangents
-        + [n for n in body if n not in forward]
-    )
+    forward, order = _phases(graph, primals, tangents)
+    sites = find_sites(order, lossy, forward_kernels) if variants else []
+    if variants and lossy:
+        # Kept values' bfloat16 copies: casts inserted after the other sites are
+        # found (their patterns count users), for values no other site's rewrite reads.
+        from monet.operators.storage import insert_storage_casts, storage_sites
+
+        claimed = {r.node for site in sites for a in site.alternatives for r in a.rewrites}
+        casts = insert_storage_casts(joint.module, claimed)
+        sites += [site for cast in casts for site in storage_sites(cast)]
+        forward, order = _phases(graph, primals, tangents)
     index = {n: i for i, n in enumerate(order)}
     mutated = _mutated_inputs(output, primals)
     storage_ids: dict[StorageWeakRef, int] = {}
@@ -160,8 +150,35 @@ def analyse(
         )
     frozen = tuple(nodes)
     problem = Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)))
-    sites = find_sites(order, lossy, forward_kernels) if variants else []
     return AnalysedGraph(joint, order, index, problem, mutated, sites)
+
+
+def _phases(graph: fx.Graph, primals: list[fx.Node], tangents: list[fx.Node]
+            ) -> tuple[set[fx.Node], list[fx.Node]]:
+    """The forward nodes of the joint graph, and monet's order: primals, forward,
+    tangents, backward."""
+    body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    # Forward nodes: everything that does not depend on a tangent. Autograd
+    # places some of these in the backward (a detach or transpose of a saved
+    # activation, a norm's saved statistics); they are still functions of the
+    # forward, so each is either computed in the forward and saved, or
+    # recomputed, and the solver chooses, instead of pinning its input from
+    # the start of the backward.
+    backward: set[fx.Node] = set(tangents)
+    for n in body:
+        if any(m in backward for m in n.all_input_nodes):
+            backward.add(n)
+    forward = {n for n in body if n not in backward}
+    for n in body:
+        if n.op != "call_function":
+            raise NotImplementedError(f"joint graph node {n.name} is a {n.op}; expected calls only")
+    order = (
+        primals
+        + [n for n in body if n in forward]
+        + tangents
+        + [n for n in body if n not in forward]
+    )
+    return forward, order
 
 
 def _mutated_inputs(output: fx.Node, primals: list[fx.Node]) -> set[fx.Node]:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import MODELS, assert_same_step
+from conftest import MODELS, assert_same_step, step_with_loss
 
 import monet
 from monet.solver import keep_all
@@ -246,6 +246,56 @@ def test_a_vit_with_dropout_zero_gets_the_chunked_mlp(tmp_path):
                                timing_repeats=0)
     assert optimized.report().measured_peak == schedule.predicted_peak
     assert_same_step(optimized, model, reference, x, {"rtol": 1e-4, "atol": 1e-5})
+
+
+STORAGE = "storage.bfloat16"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bfloat16_storage_is_opt_in_and_keeps_half(name, tmp_path):
+    """Keeping activations in bfloat16 is lossy: never offered unless asked for. Asked
+    for and picked everywhere, keeping everything else, each value it applies to is
+    kept in half its bytes, and the peak is no higher; the step runs with the
+    simulated peak, its outputs are eager's (the forward is unchanged), its gradients
+    within bfloat16's rounding of eager's, and the report says lossy."""
+    model, _, x = _setup(name)
+    plain = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5).last_plan.problem
+    assert not any(a.name == STORAGE for c in plain.choices for a in c.alternatives)
+    model, _, x = _setup(name)
+    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5,
+                             lossy_variants=True).last_plan.problem
+    variants = tuple(next((k for k, a in enumerate(c.alternatives) if a.name == STORAGE), 0)
+                     for c in problem.choices)
+    assert any(variants)
+    assert all(c.alternatives[k].lossy for c, k in zip(problem.choices, variants) if k)
+    schedule, plain_schedule = keep_all(problem, variants), keep_all(problem)
+    sizes = problem.storage_bytes
+    saved = (sum(sizes[s] for s in plain_schedule.kept) - sum(sizes[s] for s in schedule.kept))
+    copies = [s for s in schedule.kept if s not in plain_schedule.kept]
+    assert len(copies) == sum(map(bool, variants))
+    assert saved == sum(sizes[s] for s in copies) > 0  # each copy replaces twice its bytes
+    assert schedule.predicted_peak <= plain_schedule.predicted_peak
+    path = tmp_path / "bfloat16.json"
+    schedule.save(path)
+
+    model, reference, x = _setup(name)
+    optimized = monet.optimize(model, schedule.predicted_peak, (x,), schedule=str(path),
+                               timing_repeats=0, lossy_variants=True)
+    report = optimized.report()
+    assert set(report.variants.values()) == {STORAGE}
+    assert set(report.lossy) == set(report.variants) and "(lossy)" in str(report)
+    assert optimized.last_plan.simulation.peak == schedule.predicted_peak
+    out = step_with_loss(optimized, x, seed=1)
+    grad_x = x.grad.clone()
+    x.grad = None
+    expected = step_with_loss(reference, x, seed=1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    pairs = [(grad_x, x.grad)] + [(p.grad, q.grad) for p, q in
+                                  zip(model.parameters(), reference.parameters())]
+    for actual, wanted in pairs:
+        assert (actual - wanted).norm() <= 2e-2 * wanted.norm() + 1e-6
+    for b, c in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
 
 
 def test_schedule_with_wrong_variants_is_refused(tmp_path):

@@ -168,3 +168,44 @@ def test_mlp_forward_chunked(tokens, width, hidden, out, activation, approximate
         close([actual], [expected])
         if chunks == 1:
             assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (2, 7, 33), (1, 1, 16), (3, 4, 2, 9)])
+@pytest.mark.parametrize("op", ["gelu", "mm", "native_layer_norm_backward"])
+def test_a_backward_reading_a_bfloat16_copy(shape, op):
+    """``storage.bfloat16`` (lossy): the reader gets the kept copy cast back to float32,
+    so it computes exactly the default on the value rounded to bfloat16, and within
+    bfloat16's rounding of the default itself."""
+    from torch.utils._pytree import tree_flatten
+
+    from monet.operators.storage import reads_bfloat16
+
+    generator = torch.Generator().manual_seed(len(shape) + len(op))
+    value = torch.randn(shape, generator=generator)
+    grad = torch.randn(shape, generator=generator)
+    if op == "gelu":
+        target, args, kwargs = aten.gelu_backward.default, (grad, value), {"approximate": "tanh"}
+    elif op == "mm":
+        value, grad = value.reshape(-1, shape[-1]), grad.reshape(-1, shape[-1])
+        target, args, kwargs = aten.mm.default, (value.t(), grad), {}
+        value = args[0]
+    else:
+        normalized = shape[-1:]
+        weight, bias = affine(normalized, generator)
+        _, mean, rstd = aten.native_layer_norm.default(value, normalized, weight, bias, 1e-5)
+        target = aten.native_layer_norm_backward.default
+        args, kwargs = (grad, value, normalized, mean, rstd, weight, bias, [True, True, True]), {}
+    copy = value.to(torch.bfloat16)
+    swapped = tuple(copy if a is value else a for a in args)
+    leaves, _ = tree_flatten((swapped, kwargs))
+    positions = tuple(k for k, leaf in enumerate(leaves) if leaf is copy)
+    assert len(positions) == 1
+    actual = reads_bfloat16(target, positions)(*swapped, **kwargs)
+    rounded = target(*(copy.float() if a is copy else a for a in swapped), **kwargs)
+    default = target(*args, **kwargs)
+    as_tuple = (lambda r: tuple(r) if isinstance(r, (tuple, list)) else (r,))
+    close(as_tuple(actual), as_tuple(rounded), rtol=0, atol=0)
+    # bfloat16 keeps 8 bits of mantissa: a relative error of 2**-8 per element at most.
+    for a, e in zip(as_tuple(actual), as_tuple(default), strict=True):
+        if e is not None:
+            assert (a - e).norm() <= 2 ** -7 * e.norm() + 1e-6
