@@ -104,7 +104,7 @@ def analyse(
         from monet.operators.storage import insert_storage_casts, storage_sites
 
         claimed = {r.node for site in sites for a in site.alternatives for r in a.rewrites}
-        casts = insert_storage_casts(joint.module, claimed)
+        casts = insert_storage_casts(joint.module, forward, claimed)
         sites += [site for cast in casts for site in storage_sites(cast)]
         forward, order = _phases(graph, primals, tangents)
     index = {n: i for i, n in enumerate(order)}

@@ -42,53 +42,45 @@ MIN_BYTES = 64 << 10
 """Values smaller than this (a norm's statistics) are not worth a choice of their own."""
 
 
-def insert_storage_casts(module: fx.GraphModule, claimed: set[fx.Node] = frozenset()
-                         ) -> list[fx.Node]:
-    """Insert ``_to_copy(v, dtype=bfloat16)`` after float32 forward values ``v`` of the
-    joint graph that backward nodes read, none of them in ``claimed`` (rewritten by
-    another variant) nor a reader of a larger such value, and that are neither views
-    of an input nor in a storage the backward reads through another value; returns
-    the casts. A graph that has them already (planned before) gets
+def insert_storage_casts(module: fx.GraphModule, forward: set[fx.Node],
+                         claimed: set[fx.Node] = frozenset()) -> list[fx.Node]:
+    """Insert ``_to_copy(v, dtype=bfloat16)`` after float32 values ``v`` among the joint
+    graph's ``forward`` nodes that backward nodes read, none of them in ``claimed``
+    (rewritten by another variant) nor a reader of a larger such value, and that are
+    neither views of an input nor in a storage the backward reads through another
+    value; returns the casts. A graph that has them already (planned before) gets
     none more: its own come back."""
     graph = module.graph
     existing = [n for n in graph.nodes if CAST_OF in n.meta]
     if existing:
         return [n for n in existing if not set(n.meta[READERS]) & claimed]
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    tangents = {n for n in placeholders if n.name.startswith("tangents")}
-    backward: set[fx.Node] = set(tangents)
-    for n in graph.nodes:
-        if any(m in backward for m in n.all_input_nodes):
-            backward.add(n)
     # A view of a parameter or input is live all step: a copy of it saves nothing.
     pinned = {
         StorageWeakRef(v.untyped_storage())
-        for n in placeholders if n not in tangents
+        for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")
         for v in tensors_in(n.meta.get("val"))
     }
-    wanted: list[tuple[int, fx.Node, list[fx.Node]]] = []
+    wanted: list[tuple[int, StorageWeakRef, fx.Node, list[fx.Node]]] = []
     for node in graph.nodes:
-        if node.op != "call_function" or node in backward:
+        if node not in forward:
             continue
         value = node.meta.get("val")
-        if (not isinstance(value, torch.Tensor) or value.dtype != torch.float32
-                or value.numel() * value.element_size() < MIN_BYTES
-                or StorageWeakRef(value.untyped_storage()) in pinned):
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
             continue
-        readers = [u for u in node.users if u in backward and u.op == "call_function"]
-        if readers:
-            wanted.append((value.numel() * value.element_size(), node, readers))
+        size, storage = value.numel() * value.element_size(), StorageWeakRef(
+            value.untyped_storage())
+        readers = [u for u in node.users if u.op == "call_function" and u not in forward]
+        if size >= MIN_BYTES and storage not in pinned and readers:
+            wanted.append((size, storage, node, readers))
     # A copy frees the float32 storage only if no other value in it (a view, a
     # detach) is read by the backward too.
-    read_in = Counter(StorageWeakRef(n.meta["val"].untyped_storage()) for _, n, _ in wanted)
-    wanted = [w for w in wanted
-              if read_in[StorageWeakRef(w[1].meta["val"].untyped_storage())] == 1]
+    read_in = Counter(storage for _, storage, _, _ in wanted)
     # A reader of two such values (an attention backward reads q, k and v) is
     # rewritten for one of them only, the largest: each choice is one value's copy.
     taken = set(claimed)
     casts = []
-    for _, node, readers in sorted(wanted, key=lambda w: -w[0]):
-        if taken & set(readers):
+    for _, storage, node, readers in sorted(wanted, key=lambda w: -w[0]):
+        if read_in[storage] > 1 or taken & set(readers):
             continue
         taken |= set(readers)
         with graph.inserting_after(node):
