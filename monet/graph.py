@@ -17,7 +17,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from monet.capture import JointGraph
 from monet.operators import Site, find_sites
-from monet.solver.problem import Node, Problem, structure_hash
+from monet.solver.problem import Node, Problem, dying_reads, structure_hash
 
 
 @dataclass
@@ -150,7 +150,27 @@ def analyse(
         )
     frozen = tuple(nodes)
     problem = Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)))
-    return AnalysedGraph(joint, order, index, problem, mutated, sites)
+    return AnalysedGraph(joint, order, index, problem, mutated, _sound(sites, problem, index))
+
+
+def _sound(sites: list[Site], problem: Problem, index: dict[fx.Node, int]) -> list[Site]:
+    """The sites without in-place alternatives whose overwritten value outlives the node
+    (another value shares its storage and is read later, or an output holds it)."""
+    dying = dying_reads(problem)
+
+    def sound(alternative) -> bool:
+        return all(
+            r.overwrites is None
+            or set(problem.nodes[index[r.overwrites]].storages) <= dying.get(index[r.node], set())
+            for r in alternative.rewrites
+        )
+
+    kept = []
+    for site in sites:
+        alternatives = tuple(a for a in site.alternatives if sound(a))
+        if alternatives:
+            kept.append(Site(site.name, alternatives))
+    return kept
 
 
 def _phases(graph: fx.Graph, primals: list[fx.Node], tangents: list[fx.Node]

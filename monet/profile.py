@@ -201,6 +201,11 @@ def profile(
             overrides = []
             for m, rewrite in enumerate(alternative.rewrites):
                 seconds, workspace = measured((c, k, m))
+                if rewrite.overwrites is not None:
+                    # Its output takes the overwritten value's bytes: none allocated.
+                    base = analysed.problem
+                    workspace -= sum(base.storage_bytes[s] for s in
+                                     base.nodes[analysed.index[rewrite.overwrites]].storages)
                 overrides.append(Override(
                     analysed.index[rewrite.node],
                     tuple(analysed.index[n] for n in rewrite.inputs()),
@@ -254,14 +259,24 @@ def _variant_runs(analysed: AnalysedGraph) -> VariantRuns:
 
 
 def _run_variants(i, runs: VariantRuns, env, refused: set, each) -> None:
-    """Call ``each(key, target, args, kwargs)`` for every variant of node ``i`` still offered."""
+    """Call ``each(key, target, args, kwargs, reset)`` for every variant of node ``i`` still
+    offered. An in-place variant gets a scratch copy of the value it overwrites, and
+    ``reset`` (else None) restores it between runs, outside any timing."""
     for key, rewrite in runs.get(i, ()):
         if key[:2] in refused:
             continue
-        args = fx.node.map_arg(rewrite.args, lambda n: env[n])
-        kwargs = fx.node.map_arg(rewrite.kwargs, lambda n: env[n])
+        values, reset = env, None
+        if rewrite.overwrites is not None:
+            original = env[rewrite.overwrites]
+            scratch = original.clone()
+            values = {**env, rewrite.overwrites: scratch}
+
+            def reset(scratch=scratch, original=original) -> None:
+                scratch.copy_(original)
+        args = fx.node.map_arg(rewrite.args, values.__getitem__)
+        kwargs = fx.node.map_arg(rewrite.kwargs, values.__getitem__)
         try:
-            each(key, rewrite.target, args, kwargs)
+            each(key, rewrite.target, args, kwargs, reset)
         except VariantRefused:
             refused.add(key[:2])
         except Exception as error:  # noqa: BLE001  (a failing variant is not offered, loudly)
@@ -351,8 +366,9 @@ def _timing_pass(analysed, primals, device, cache, repeats, progress, runs):
             return value
         measure(i, node, node.target, args, kwargs)
 
-        def each(key, target, v_args, v_kwargs) -> None:
+        def each(key, target, v_args, v_kwargs, reset) -> None:
             target(*v_args, **v_kwargs)  # warm, and refuses inputs it cannot take
+            before = reset or (lambda: None)
             variant_key = signature(node, v_args, v_kwargs, device, target)
             keys[key] = variant_key
             if variant_key in timed:
@@ -361,7 +377,7 @@ def _timing_pass(analysed, primals, device, cache, repeats, progress, runs):
                 # Against the default, alternately: the ratio survives a busy
                 # neighbour that a pair of separate medians would not.
                 ratios = [
-                    _time(target, v_args, v_kwargs, device, 1)
+                    (before(), _time(target, v_args, v_kwargs, device, 1))[1]
                     / max(_time(node.target, args, kwargs, device, 1), 1e-9)
                     for _ in range(max(3, repeats))
                 ]
@@ -391,7 +407,9 @@ def _workspace_pass(analysed, primals, device, wanted: set, runs, refused) -> di
 
     labels: list[Any] = []
 
-    def run(key: Any, target, args: Any, kwargs: Any) -> Any:
+    def run(key: Any, target, args: Any, kwargs: Any, reset=None) -> Any:
+        if reset is not None:
+            reset()  # the timing pass left its scratch copy overwritten
         if key not in wanted:
             return target(*args, **kwargs)
         labels.append(key)
@@ -435,7 +453,9 @@ def _workspace_pass(analysed, primals, device, wanted: set, runs, refused) -> di
 def _cuda_workspaces(analysed, primals, device, wanted: set, runs, refused) -> dict[Any, int]:
     result: dict[Any, int] = {}
 
-    def run(key: Any, target, args: Any, kwargs: Any) -> Any:
+    def run(key: Any, target, args: Any, kwargs: Any, reset=None) -> Any:
+        if reset is not None:
+            reset()
         if key not in wanted:
             return target(*args, **kwargs)
         torch.cuda.synchronize(device)

@@ -92,6 +92,54 @@ def test_joint_variant_optimum_equals_brute_force(seed, backend):
 
 
 @pytest.mark.parametrize("backend", ["cpsat", "milp"])
+@pytest.mark.parametrize("seed", range(4))
+def test_an_in_place_alternative_is_modelled_exactly(seed, backend):
+    """A backward node writing its output over a gradient that dies with it (a negative
+    workspace): both back ends and the bound agree with brute force."""
+    problem = with_random_choices(random_problem(5, seed=seed, workspace_probability=0.3),
+                                  seed=seed, count=1, in_place=2)
+    assert any(a.name == "in_place" for c in problem.choices for a in c.alternatives)
+    high = keep_all(problem).predicted_peak
+    least, lower = minimum_budget(problem, time_limit=5, backend=backend)
+    assert lower <= least.budget
+    assert brute_force_with_variants(problem, least.budget - 1) is None
+    for budget in sorted({high, (high + least.budget) // 2, least.budget}):
+        expected = brute_force_with_variants(problem, budget)
+        schedule = solve(problem, budget, time_limit=5, backend=backend)
+        assert schedule.predicted_overhead == pytest.approx(expected, abs=1e-9)
+        assert time_lower_bound(problem, budget) <= expected + 1e-12
+        schedule.check_against(problem)
+
+
+def test_a_negative_workspace_must_be_an_in_place_write():
+    """Below zero only for a backward node, by at most the bytes it allocates and reads
+    from storages that die with it."""
+    from dataclasses import replace
+
+    from monet.solver.problem import Choice
+
+    problem = with_random_choices(random_problem(5, seed=0), seed=0, count=1, in_place=1)
+    c, choice = next((c, ch) for c, ch in enumerate(problem.choices)
+                     if ch.alternatives[1].name == "in_place")
+    (o,) = choice.alternatives[1].overrides
+
+    def with_workspace(node: int, workspace: int):
+        alternative = replace(choice.alternatives[1],
+                              overrides=(replace(o, node=node, workspace=workspace),))
+        choices = list(problem.choices)
+        choices[c] = Choice(problem.nodes[node].name, (choice.alternatives[0], alternative))
+        return replace(problem, choices=tuple(choices))
+
+    with_workspace(o.node, o.workspace)  # as made: valid
+    with pytest.raises(ValueError, match="writes over storages dying with it"):
+        with_workspace(o.node, o.workspace - 1)
+    forward = next(i for i, n in enumerate(problem.nodes) if n.phase == "forward")
+    with pytest.raises(ValueError, match="below 0 only for a backward node"):
+        replace(problem, nodes=tuple(replace(n, workspace=-1) if i == forward else n
+                                     for i, n in enumerate(problem.nodes)))
+
+
+@pytest.mark.parametrize("backend", ["cpsat", "milp"])
 @pytest.mark.parametrize("seed", [4, 5, 7, 10, 14])
 def test_a_dropped_storage_counts_only_where_it_is_filled(seed, backend):
     """An alternative that never fills a forward storage (a forward-chunked MLP's hidden

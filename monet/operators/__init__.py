@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx
 
 
@@ -37,6 +38,9 @@ class Rewrite:
     target: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    overwrites: fx.Node | None = None
+    """An argument whose storage the rewritten node writes its first output into (in
+    place): it must die there, which ``graph.analyse`` checks by storage."""
 
     def inputs(self) -> list[fx.Node]:
         """The nodes the rewritten node reads, in fx's ``all_input_nodes`` order."""
@@ -69,6 +73,25 @@ class Site:
 
 
 Finder = Callable[[fx.Node], Iterable[Site]]
+
+
+def overwritable(value: object, node: fx.Node) -> bool:
+    """Whether ``node`` may write its first output over ``value``: ``node`` is its only
+    reader, and it is a whole, dense tensor laid out as that output."""
+    if not isinstance(value, fx.Node) or value.op != "call_function" or set(value.users) != {node}:
+        return False
+    held, made = value.meta.get("val"), node.meta.get("val")
+    made = made[0] if isinstance(made, (tuple, list)) else made
+    if not (isinstance(held, torch.Tensor) and isinstance(made, torch.Tensor)):
+        return False
+    return (
+        held.shape == made.shape
+        and held.stride() == made.stride()
+        and held.dtype == made.dtype
+        and held.device == made.device
+        and held.storage_offset() == 0
+        and held.untyped_storage().nbytes() == held.numel() * held.element_size()
+    )
 
 
 def _finders() -> list[Finder]:

@@ -23,7 +23,7 @@ import operator
 import torch
 from torch import fx
 
-from monet.operators import Alternative, Rewrite, Site, VariantRefused
+from monet.operators import Alternative, Rewrite, Site, VariantRefused, overwritable
 
 aten = torch.ops.aten
 
@@ -92,6 +92,79 @@ def batch_norm_backward_from_output(
     return aten.native_batch_norm_backward.default(
         grad_out, x, weight, None, None, save_mean, save_invstd, True, eps, output_mask
     )
+
+
+def _channel_sums(grad_out, value, mean, invstd, eps):
+    """Per channel ``Σ dy·(v − mean)·invstd`` and ``Σ dy``, with no tensor of ``dy``'s size:
+    they are aten's batch-norm weight and bias gradients, asked for without the input's."""
+    _, weighted, total = aten.native_batch_norm_backward.default(
+        grad_out, value, None, None, None, mean, invstd, True, eps, [False, True, True]
+    )
+    return weighted, total
+
+
+def _overwrite(grad_out, scale, value, slope, shift):
+    """``dy ← scale·dy + slope·v + shift`` per channel, in ``dy``'s own storage."""
+    shape = [1, grad_out.shape[1]] + [1] * (grad_out.dim() - 2)
+    return grad_out.mul_(scale.view(shape)).addcmul_(value, slope.view(shape)).add_(
+        shift.view(shape)
+    )
+
+
+def batch_norm_backward_in_place(
+    grad_out: torch.Tensor,
+    inp: torch.Tensor,
+    weight: torch.Tensor | None,
+    save_mean: torch.Tensor,
+    save_invstd: torch.Tensor,
+    eps: float,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Training-mode batch-norm backward that writes the input gradient over ``grad_out``.
+
+    ``dx = k·(dy − Σdy/M − x̂·Σdy·x̂/M)`` with ``k = w·invstd`` is, per channel,
+    ``a·dy + b·x + c``: one reduction (aten's, without the input gradient), then
+    three in-place passes. The caller's ``grad_out`` is gone afterwards; the
+    lowering uses this only where nothing reads it later.
+    """
+    gx_hat, g_bias = _channel_sums(grad_out, inp, save_mean, save_invstd, eps)
+    count = grad_out.numel() // grad_out.shape[1]
+    k = save_invstd if weight is None else weight * save_invstd
+    slope = -k * save_invstd * gx_hat / count
+    shift = k * (save_mean * save_invstd * gx_hat - g_bias) / count
+    grad_in = _overwrite(grad_out, k, inp, slope, shift)
+    return _masked(output_mask, grad_in, gx_hat, g_bias)
+
+
+def batch_norm_backward_from_output_in_place(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    save_mean: torch.Tensor,
+    save_invstd: torch.Tensor,
+    eps: float,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`batch_norm_backward_in_place` given the output ``y = x̂·w + b`` instead of
+    the input: ``x̂ = (y − b)/w`` is affine in ``y`` per channel, so nothing is rebuilt."""
+    _check_invertible(weight, "batch norm backward from its output")
+    g_y, g_bias = _channel_sums(
+        grad_out, out, torch.zeros_like(save_mean), torch.ones_like(save_invstd), eps
+    )
+    w = torch.ones_like(save_invstd) if weight is None else weight
+    b = torch.zeros_like(save_mean) if bias is None else bias
+    gx_hat = (g_y - b * g_bias) / w
+    count = grad_out.numel() // grad_out.shape[1]
+    k = w * save_invstd
+    slope = -k * gx_hat / (count * w)
+    shift = k * (b * gx_hat / w - g_bias) / count
+    grad_in = _overwrite(grad_out, k, out, slope, shift)
+    return _masked(output_mask, grad_in, gx_hat, g_bias)
+
+
+def _masked(mask, *values):
+    return tuple(v if wanted else None for v, wanted in zip(values, mask, strict=True))
 
 
 def _getitem_of(node: object, index: int) -> fx.Node | None:
@@ -168,4 +241,18 @@ def batch_norm_sites(node: fx.Node) -> list[Site]:
         batch_norm_backward_from_output,
         (grad_out, out, weight, bias, save_mean, save_invstd, eps, output_mask),
     )
-    return [Site(node.name, (Alternative("batch_norm.backward_from_output", (rewrite,)),))]
+    alternatives = [Alternative("batch_norm.backward_from_output", (rewrite,))]
+    if output_mask[0] and overwritable(grad_out, node):
+        alternatives += [
+            Alternative("batch_norm.backward_in_place", (Rewrite(
+                node, batch_norm_backward_in_place,
+                (grad_out, inp, weight, save_mean, save_invstd, eps, output_mask),
+                overwrites=grad_out,
+            ),)),
+            Alternative("batch_norm.backward_from_output_in_place", (Rewrite(
+                node, batch_norm_backward_from_output_in_place,
+                (grad_out, out, weight, bias, save_mean, save_invstd, eps, output_mask),
+                overwrites=grad_out,
+            ),)),
+        ]
+    return [Site(node.name, tuple(alternatives))]

@@ -455,6 +455,7 @@ def _add_choices(problem, st: Structure, owner_of, f_pos, b_pos, decision_set) -
     n_forward = len(st.forward)
     for c, choice in enumerate(problem.choices):
         st.alternatives.append(len(choice.alternatives))
+        amounts: dict[int, list[int]] = {}  # point → the node's workspace per alternative
         for k, effective in enumerate(alternative_nodes(problem, choice)):
             reads: list[tuple[int, int]] = []
             delta = 0.0
@@ -473,10 +474,17 @@ def _add_choices(problem, st: Structure, owner_of, f_pos, b_pos, decision_set) -
                     j = b_pos[i]
                     point = n_forward + 2 * j + 1
                     reads += [(s, j) for s in sorted(forward_reads(nodes, inputs, decision_set))]
-                if workspace:
-                    st.conditional_workspace.append((c, k, point, workspace))
+                amounts.setdefault(point, [0] * len(choice.alternatives))[k] = workspace
             st.conditional_reads[(c, k)] = reads
             st.step_delta[(c, k)] = delta
+        for point, per_alternative in amounts.items():
+            # An in-place alternative's workspace is negative: the least goes into the
+            # fixed profile (which holds the overwritten value there), so every
+            # conditional amount is a non-negative demand, as CP-SAT's cumulative needs.
+            least = min(0, *per_alternative)
+            st.fixed[point] += least
+            st.conditional_workspace += [(c, k, point, w - least)
+                                         for k, w in enumerate(per_alternative) if w != least]
     for a in st.redo_workspace:
         st.workspace[a] = 0  # counted per alternative instead
 

@@ -323,8 +323,6 @@ def validate(problem: Problem) -> None:
             raise ValueError(f"{where}: inputs own their storages")
         if not (math.isfinite(n.time) and n.time >= 0):
             raise ValueError(f"{where}.time must be a finite number >= 0")
-        if n.workspace < 0:
-            raise ValueError(f"{where}.workspace must be >= 0")
     for i, n in enumerate(nodes):
         held = {s for j in n.inputs for s in nodes[j].storages}
         for s in n.storages:
@@ -337,10 +335,48 @@ def validate(problem: Problem) -> None:
                     f"nodes[{i}] ({n.name}).storages: it aliases storage {s}, which none of "
                     "its inputs holds"
                 )
-    _validate_choices(problem)
+    dying = dying_reads(problem)
+    for i, n in enumerate(nodes):
+        _check_workspace(problem, dying, i, n.workspace, f"nodes[{i}] ({n.name}).workspace")
+    _validate_choices(problem, dying)
 
 
-def _validate_choices(problem: Problem) -> None:
+def dying_reads(problem: Problem) -> dict[int, set[int]]:
+    """Per backward node, the backward storages it reads that die with it: no later node
+    reads them and no output holds them, whatever the schedule (variants read the same
+    backward values). An in-place op may write its output over these."""
+    nodes = problem.nodes
+    last: dict[int, int] = {}
+    held: set[int] = set()
+    for i, n in enumerate(nodes):
+        if n.phase != "backward" or n.is_output:
+            held.update(n.storages)
+        for j in n.inputs:
+            for s in nodes[j].storages:
+                last[s] = i
+    dying: dict[int, set[int]] = {}
+    for s, i in last.items():
+        if s not in held:
+            dying.setdefault(i, set()).add(s)
+    return dying
+
+
+def _check_workspace(problem: Problem, dying: dict[int, set[int]], i: int, workspace: int,
+                     where: str) -> None:
+    """A negative workspace is an in-place op: a backward node whose output overwrites
+    storages it reads that die with it, at most as many bytes as it allocates."""
+    if workspace >= 0:
+        return
+    n, sizes = problem.nodes[i], problem.storage_bytes
+    reusable = min(sum(sizes[s] for s in dying.get(i, ())), sum(sizes[s] for s in n.allocates))
+    if n.phase != "backward" or -workspace > reusable:
+        raise ValueError(
+            f"{where} is {workspace}: below 0 only for a backward node that writes over "
+            f"storages dying with it, and by at most {reusable} bytes here"
+        )
+
+
+def _validate_choices(problem: Problem, dying: dict[int, set[int]]) -> None:
     """Alternatives may change what a node reads, never what it allocates or aliases.
 
     A node may read other forward or input values (a forward one then holds
@@ -369,8 +405,9 @@ def _validate_choices(problem: Problem) -> None:
                 n = nodes[o.node]
                 if n.phase not in ("forward", "backward"):
                     raise ValueError(f"{at}: only forward and backward nodes have variants")
-                if not (math.isfinite(o.time) and o.time >= 0) or o.workspace < 0:
-                    raise ValueError(f"{at}: time and workspace must be finite and >= 0")
+                if not (math.isfinite(o.time) and o.time >= 0):
+                    raise ValueError(f"{at}: time must be finite and >= 0")
+                _check_workspace(problem, dying, o.node, o.workspace, f"{at}: workspace")
                 if any(not 0 <= j < o.node for j in o.inputs):
                     raise ValueError(f"{at}.inputs must be earlier nodes")
                 if _backward_reads(nodes, o.inputs) != _backward_reads(nodes, n.inputs):

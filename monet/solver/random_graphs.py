@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import random
 
-from monet.solver.problem import Alternative, Choice, Node, Override, Problem, structure_hash
+from monet.solver.problem import (
+    Alternative,
+    Choice,
+    Node,
+    Override,
+    Problem,
+    dying_reads,
+    structure_hash,
+)
 
 
 def random_problem(
@@ -83,7 +91,8 @@ def random_problem(
     return Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)), f"random{seed}")
 
 
-def with_random_choices(problem: Problem, seed: int = 0, count: int = 3) -> Problem:
+def with_random_choices(problem: Problem, seed: int = 0, count: int = 3,
+                        in_place: int = 0) -> Problem:
     """``problem`` with up to ``count`` operator choices, shaped like monet's variants.
 
     A backward node that reads a forward op's input gets an alternative that
@@ -92,7 +101,9 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3) -> Prob
     the backward reads gets one that never fills it, its backward readers
     reading the op's inputs instead (as a forward-chunked MLP's hidden values);
     a forward op gets a faster or slower implementation with a workspace (as
-    convolution algorithms do).
+    convolution algorithms do). With ``in_place``, up to that many more backward
+    nodes get an alternative that writes its output over storages dying with it
+    (a negative workspace, as an in-place batch-norm backward).
     """
     rng = random.Random(seed)
     nodes = problem.nodes
@@ -141,6 +152,20 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3) -> Prob
             Override(i, n.inputs, n.time * rng.uniform(0.5, 1.2), rng.choice((0, 2048, 8192))),
         ))
         sites.append(Choice(n.name, (Alternative("default"), alternative)))
+    dying = dying_reads(problem)
+    for i in backward:
+        if in_place <= 0:
+            break
+        n = nodes[i]
+        reusable = min(sum(problem.storage_bytes[s] for s in dying.get(i, ())),
+                       sum(problem.storage_bytes[s] for s in n.allocates))
+        if i in claimed or any(c.name == n.name for c in sites) or not reusable:
+            continue
+        alternative = Alternative("in_place", (
+            Override(i, n.inputs, n.time * rng.uniform(0.6, 1.4), -reusable),
+        ))
+        sites.append(Choice(n.name, (Alternative("default"), alternative)))
+        in_place -= 1
     choices = tuple(sites)
     return Problem(nodes, problem.storage_bytes,
                    structure_hash(nodes, problem.storage_bytes, choices),

@@ -7,7 +7,12 @@ import torch
 
 from monet.operators import VariantRefused
 from monet.operators.conv import convolution_backward_native, convolution_native
-from monet.operators.norms import batch_norm_backward_from_output, layer_norm_backward_from_output
+from monet.operators.norms import (
+    batch_norm_backward_from_output,
+    batch_norm_backward_from_output_in_place,
+    batch_norm_backward_in_place,
+    layer_norm_backward_from_output,
+)
 
 aten = torch.ops.aten
 
@@ -67,6 +72,46 @@ def test_batch_norm_backward_from_output(shape, with_affine):
     close(actual, expected)
 
 
+@pytest.mark.parametrize(("shape", "channels_last"), [
+    ((1, 3, 5, 5), False), ((4, 8, 7, 3), False), ((2, 5, 11), False), ((3, 6), False),
+    ((1, 2, 1, 1), False), ((1, 3, 5, 5), True), ((4, 8, 7, 3), True),
+])
+@pytest.mark.parametrize("with_affine", [True, False])
+@pytest.mark.parametrize("from_output", [False, True])
+def test_batch_norm_backward_in_place(shape, channels_last, with_affine, from_output):
+    """The input gradient equals aten's and lands in the incoming gradient's storage,
+    with no temporary of its size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = 2 * torch.randn(shape, generator=generator) - 1
+    grad = torch.randn(shape, generator=generator)
+    if channels_last:
+        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    weight, bias = affine(shape[1], generator) if with_affine else (None, None)
+    out, save_mean, save_invstd, _, _ = aten._native_batch_norm_legit_functional(
+        x, weight, bias, torch.zeros(shape[1]), torch.ones(shape[1]), True, 0.1, 1e-5
+    )
+    mask = [True, with_affine, with_affine]
+    expected = aten.native_batch_norm_backward(
+        grad, x, weight, None, None, save_mean, save_invstd, True, 1e-5, mask
+    )
+    overwritten = grad.clone()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        if from_output:
+            actual = batch_norm_backward_from_output_in_place(
+                overwritten, out, weight, bias, save_mean, save_invstd, 1e-5, mask)
+        else:
+            actual = batch_norm_backward_in_place(
+                overwritten, x, weight, save_mean, save_invstd, 1e-5, mask)
+    close(actual, expected)
+    assert actual[0] is overwritten and actual[0].stride() == expected[0].stride()
+    largest = max((e.nbytes() for e in prof.profiler.kineto_results.events()
+                   if e.name() == "[memory]"), default=0)
+    if grad.numel() > 4 * shape[1]:
+        assert largest < grad.numel() * grad.element_size()
+
+
 def test_zero_weights_are_refused_not_inverted():
     x = torch.randn(2, 3, 4)
     weight, bias = torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.zeros(4)
@@ -78,6 +123,10 @@ def test_zero_weights_are_refused_not_inverted():
     with pytest.raises(VariantRefused, match="exact zeros"):
         batch_norm_backward_from_output(y, y, torch.tensor([0.0, 1.0, 1.0]), None,
                                         torch.zeros(3), torch.ones(3), 1e-5, [True, True, True])
+    with pytest.raises(VariantRefused, match="exact zeros"):
+        batch_norm_backward_from_output_in_place(
+            y, y, torch.tensor([0.0, 1.0, 1.0]), None, torch.zeros(3), torch.ones(3), 1e-5,
+            [True, True, True])
 
 
 @pytest.mark.parametrize(
