@@ -92,6 +92,9 @@ class Report:
     lossy: tuple[str, ...] = ()
     """Ops of ``variants`` whose implementation changes results beyond float rounding
     (asked for with ``lossy_variants``): their gradients are not eager's."""
+    in_place: tuple[str, ...] = ()
+    """Backward pointwise ops that write over a gradient dying with them (with variants on,
+    every schedule runs them so; bit for bit the captured ops)."""
 
     @property
     def overhead(self) -> float | None:
@@ -144,6 +147,9 @@ class Report:
         if self.lossy:
             lines.append(f"  lossy             {len(self.lossy)} ops change results beyond float "
                          "rounding: gradients differ from eager's")
+        if self.in_place:
+            lines.append(f"  in place          {len(self.in_place)} backward ops write over a "
+                         "gradient that dies with them")
         return "\n".join(lines)
 
 
@@ -228,6 +234,7 @@ class OptimizedModule(MonetModule):
                 for choice, picked in zip(plan.problem.choices, schedule.variants)
                 if picked and choice.alternatives[picked].lossy
             ),
+            in_place=plan.in_place,
         )
 
 

@@ -9,14 +9,14 @@ that lives and dies together. Sizes are the storages' byte counts.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from monet.capture import JointGraph
-from monet.operators import Site, find_sites
+from monet.operators import Rewrite, Site, find_sites
 from monet.solver.problem import Node, Problem, dying_reads, structure_hash
 
 
@@ -33,6 +33,9 @@ class AnalysedGraph:
     """Primals the step mutates (running statistics): updated in place after the forward."""
     sites: list[Site] = field(default_factory=list)
     """Operator variant sites, in the order of the problem's choices once profiled."""
+    in_place: list[Rewrite] = field(default_factory=list)
+    """Backward pointwise ops every plan runs writing over a gradient that dies with them
+    (``operators/inplace.py``): the problem counts their outputs in those storages."""
 
 
 def tensors_in(value: object) -> list[torch.Tensor]:
@@ -107,6 +110,12 @@ def analyse(
         casts = insert_storage_casts(joint.module, forward, claimed)
         sites += [site for cast in casts for site in storage_sites(cast)]
         forward, order = _phases(graph, primals, tangents)
+    in_place = []
+    if variants:
+        from monet.operators.inplace import in_place_rewrites
+
+        claimed = {r.node for site in sites for a in site.alternatives for r in a.rewrites}
+        in_place = in_place_rewrites(order, forward, claimed)
     index = {n: i for i, n in enumerate(order)}
     mutated = _mutated_inputs(output, primals)
     storage_ids: dict[StorageWeakRef, int] = {}
@@ -150,7 +159,47 @@ def analyse(
         )
     frozen = tuple(nodes)
     problem = Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)))
-    return AnalysedGraph(joint, order, index, problem, mutated, _sound(sites, problem, index))
+    problem, in_place = _written_in_place(problem, index, in_place)
+    return AnalysedGraph(joint, order, index, problem, mutated, _sound(sites, problem, index),
+                         in_place)
+
+
+def _written_in_place(problem: Problem, index: dict[fx.Node, int], rewrites: list[Rewrite]
+                      ) -> tuple[Problem, list[Rewrite]]:
+    """The problem with each sound in-place rewrite's output counted in the storage it
+    overwrites (which dies there, in every schedule), and those rewrites."""
+    nodes, sizes = problem.nodes, problem.storage_bytes
+    dying = dying_reads(problem)
+    into: dict[int, int] = {}  # a node's own storage → the storage it writes over
+
+    def resolve(s: int) -> int:
+        while s in into:
+            s = into[s]
+        return s
+
+    kept = []
+    for rewrite in rewrites:
+        node, host = nodes[index[rewrite.node]], nodes[index[rewrite.overwrites]]
+        if (len(host.storages) == 1 and host.storages[0] in dying.get(index[rewrite.node], ())
+                and len(node.allocates) == 1 and node.storages == node.allocates
+                and sizes[node.allocates[0]] == sizes[host.storages[0]]):
+            into[node.allocates[0]] = host.storages[0]
+            kept.append(rewrite)
+    if not kept:
+        return problem, []
+    remaining = [s for s in range(len(sizes)) if s not in into]
+    number = {s: k for k, s in enumerate(remaining)}
+
+    def renumber(storages: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(number[resolve(s)] for s in storages))
+
+    frozen = tuple(
+        replace(n, storages=renumber(n.storages),
+                allocates=tuple(number[s] for s in n.allocates if s not in into))
+        for n in nodes
+    )
+    fewer = tuple(sizes[s] for s in remaining)
+    return Problem(frozen, fewer, structure_hash(frozen, fewer)), kept
 
 
 def _sound(sites: list[Site], problem: Problem, index: dict[fx.Node, int]) -> list[Site]:

@@ -62,6 +62,7 @@ def lower(
     joint = analysed.joint.module
     env: dict[fx.Node, fx.Node] = {n: n for n in order}
     rewrites = chosen_rewrites(analysed, choices, program.variants)
+    rewrites += [("in_place", r) for r in analysed.in_place]
     if rewrites:
         # Rewrite a copy: the joint graph stays the captured one for later plans.
         graph, env = _copy_graph(joint.graph)

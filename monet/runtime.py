@@ -57,6 +57,8 @@ class Plan:
     """The user's budget in bytes (a re-plan solves for less to make the measurement fit)."""
     reserved: int = 0
     """Bytes of the user's budget held back for memory monet does not plan (``reserve=``)."""
+    in_place: tuple[str, ...] = ()
+    """Backward ops that write over a gradient dying with them (every schedule runs them so)."""
 
 
 _CONSTANTS = (
@@ -391,7 +393,8 @@ class MonetModule(nn.Module):
                     f"predicted {schedule.predicted_peak}: lowering and program disagree"
                 )
             seconds["lower"] = time.perf_counter() - t
-            result.update(problem=problem, schedule=schedule, simulation=simulation)
+            result.update(problem=problem, schedule=schedule, simulation=simulation,
+                          in_place=tuple(r.node.name for r in analysed.in_place))
             return forward_graph, backward_graph
 
         step = compile_step(self.module, args, kwargs, partition)
@@ -403,7 +406,8 @@ class MonetModule(nn.Module):
                 "monet: nothing to plan: no parameter or input requires grad, so the step "
                 "has no backward"
             )
-        return Plan(key, step, result["problem"], result["schedule"], result["simulation"], seconds)
+        return Plan(key, step, result["problem"], result["schedule"], result["simulation"], seconds,
+                    in_place=result["in_place"])
 
     def _measure(self, plan: Plan, args: tuple, kwargs: dict) -> None:
         from monet.measure import compare_step_times, measure_peak_memory

@@ -106,9 +106,9 @@ def test_exchange_also_switches_operator_variants(seed):
     fastest = fastest_variants(problem)
     applied = problem.apply(fastest)
     structure = analyse(applied)
-    high = keep_all(problem, fastest).predicted_peak
-    low = minimum_budget(problem, time_limit=2, coarsen_first=False)[0].budget
-    budget = low + 6 * (high - low) // 10
+    # A fixed fraction of the keep-everything peak: a budget from a time-limited
+    # minimum_budget moved with the machine's speed, and with it the outcome.
+    budget = 65 * keep_all(problem, fastest).predicted_peak // 100
     plain = evaluate(applied, structure, set(ranking(applied, structure)))
     assert plain.peak <= budget
     start = Candidate(plain.kept, plain.recompute, plain.peak,

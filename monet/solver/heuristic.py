@@ -652,8 +652,10 @@ def exchange(problem: Problem, start: Candidate, budget: int, deadline: float,
             found = _refill(there, trial, budget, math.inf, deadline, additions, options)
             found = found and there.trimmed(found, budget, deadline)
             if found is not None and found.overhead < best.overhead:
+                # The simulated schedule may add time the model's did not: compare again,
+                # or the search can cycle through worse answers until its deadline.
                 found = there.simulated(found, budget)
-                if found is not None:
+                if found is not None and found.overhead < best.overhead:
                     best, improved = found, True
                     redo = {b for b, _ in best.recompute}
         here = context(best.variants)

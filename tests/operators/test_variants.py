@@ -7,6 +7,8 @@ import torch
 
 from monet.operators import VariantRefused
 from monet.operators.conv import convolution_backward_native, convolution_native
+from monet.operators.inplace import _OUT as IN_PLACE
+from monet.operators.inplace import write_into
 from monet.operators.norms import (
     batch_norm_backward_from_output,
     batch_norm_backward_from_output_in_place,
@@ -258,3 +260,33 @@ def test_a_backward_reading_a_bfloat16_copy(shape, op):
     for a, e in zip(as_tuple(actual), as_tuple(default), strict=True):
         if e is not None:
             assert (a - e).norm() <= 2 ** -7 * e.norm() + 1e-6
+
+
+@pytest.mark.parametrize("op", sorted(IN_PLACE))
+def test_pointwise_backward_written_in_place(op):
+    """Each listed op, written over each argument it may overwrite: the captured op's
+    result bit for bit, in that argument's storage, with nothing of its size allocated
+    (an out= overload generated from the functional op would allocate and copy)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, name, overload = op.split(".")
+    target = getattr(getattr(aten, name), overload)
+    _, _, positions = IN_PLACE[op]
+    generator = torch.Generator().manual_seed(len(op))
+    a, b = (torch.randn(3, 5, 7, generator=generator) for _ in range(2))
+    extra = {
+        "aten.threshold_backward.default": (0.0,),
+        "aten.leaky_relu_backward.default": (0.01, False),
+    }.get(op, ())
+    args = (a, b.sigmoid() if "sigmoid" in op or "tanh" in op else b, *extra)
+    expected = target(*args)
+    for position in positions:
+        written = list(args)
+        written[position] = args[position].clone()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            actual = write_into(op, position, *written)
+        assert actual is written[position]
+        assert torch.equal(actual, expected)
+        largest = max((e.nbytes() for e in prof.profiler.kineto_results.events()
+                       if e.name() == "[memory]"), default=0)
+        assert largest < a.numel() * a.element_size()

@@ -1,0 +1,71 @@
+"""Pointwise backward ops that write over a gradient dying with them.
+
+An activation's backward (``threshold_backward``, ``gelu_backward``, …) or a
+sum or product of gradients whose gradient input has no later reader writes
+its result into that input: aten's ``out=`` overload with the input as the
+output, which TensorIterator's kernels allow when the output is exactly one of
+their inputs. The result is the captured op's bit for bit and the step never
+holds both tensors, so it is no choice: with variants on, ``graph.analyse``
+counts the output in the input's storage and ``lower`` runs the overload.
+Profiling times the captured op, which allocates its output: a little slower,
+never faster.
+
+Only kernels whose ``out=`` overload is structured (computes into ``out``
+itself) are listed: an overload generated from the functional op allocates
+its result and copies it (``tests/operators`` checks each by its allocations).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from monet.operators import Rewrite, overwritable
+
+aten = torch.ops.aten
+
+# Captured op → its out= overload, the out argument's name and the positions of the
+# tensor arguments it may write over.
+_OUT: dict[str, tuple[torch._ops.OpOverload, str, tuple[int, ...]]] = {
+    str(op): (out, name, positions)
+    for op, out, name, positions in (
+        (aten.threshold_backward.default, aten.threshold_backward.grad_input, "grad_input", (0,)),
+        (aten.gelu_backward.default, aten.gelu_backward.grad_input, "grad_input", (0,)),
+        (aten.silu_backward.default, aten.silu_backward.grad_input, "grad_input", (0,)),
+        (aten.sigmoid_backward.default, aten.sigmoid_backward.grad_input, "grad_input", (0,)),
+        (aten.tanh_backward.default, aten.tanh_backward.grad_input, "grad_input", (0,)),
+        (aten.leaky_relu_backward.default, aten.leaky_relu_backward.grad_input, "grad_input",
+         (0,)),
+        (aten.add.Tensor, aten.add.out, "out", (0, 1)),
+        (aten.sub.Tensor, aten.sub.out, "out", (0, 1)),
+        (aten.mul.Tensor, aten.mul.out, "out", (0, 1)),
+        (aten.div.Tensor, aten.div.out, "out", (0, 1)),
+    )
+}
+
+
+def write_into(op: str, position: int, *args, **kwargs):
+    """Run the aten op named ``op`` with its output written over ``args[position]``."""
+    out, name, _ = _OUT[op]
+    return out(*args, **kwargs, **{name: args[position]})
+
+
+def in_place_rewrites(order: list[fx.Node], forward: set[fx.Node],
+                      claimed: set[fx.Node]) -> list[Rewrite]:
+    """A rewrite for every backward pointwise op (not ``claimed`` by a variant) that may
+    write over one of its tensor arguments: a backward value it alone reads, laid out
+    as its output. ``graph.analyse`` keeps those whose argument's storage dies there."""
+    rewrites = []
+    for node in order:
+        if node.op != "call_function" or node in forward or node in claimed:
+            continue
+        entry = _OUT.get(str(node.target))
+        if entry is None:
+            continue
+        for position in entry[2]:
+            value = node.args[position] if position < len(node.args) else None
+            if value not in forward and overwritable(value, node):
+                rewrites.append(Rewrite(node, write_into, (str(node.target), position, *node.args),
+                                        dict(node.kwargs), overwrites=value))
+                break
+    return rewrites
