@@ -163,6 +163,84 @@ def batch_norm_backward_from_output_in_place(
     return _masked(output_mask, grad_in, gx_hat, g_bias)
 
 
+LAYER_NORM_CHUNKS = 8
+"""Row slabs of an in-place layer-norm backward: its workspace is one slab's."""
+
+
+def _slabs(batch: tuple[int, ...], chunks: int) -> list[tuple[object, ...]]:
+    """Indexes over the leading (row) dims that split them into about ``chunks`` slabs,
+    each a plain view: a dim is sliced whole-index by whole-index until the slabs are
+    small enough, so a permuted input is never copied whole."""
+    if not batch or chunks <= 1:
+        return [()]
+    first, rest = batch[0], batch[1:]
+    if first >= chunks or not rest:
+        step = max(1, math.ceil(first / chunks))
+        return [(slice(i, min(i + step, first)),) for i in range(0, first, step)]
+    inner = _slabs(rest, math.ceil(chunks / first))
+    return [(i, *index) for i in range(first) for index in inner]
+
+
+def _layer_norm_backward_into(grad_out, rebuild, normalized_shape, mean, rstd, weight,
+                              bias, output_mask):
+    """aten's layer-norm backward a slab of rows at a time, each slab's input gradient
+    copied over its rows of ``grad_out`` (rows are independent: the input gradient is
+    aten's, bit for bit; the parameter gradients are summed over slabs)."""
+    batch = tuple(grad_out.shape[: grad_out.dim() - len(normalized_shape)])
+    if grad_out.numel() == 0:
+        return aten.native_layer_norm_backward.default(
+            grad_out, rebuild(()), normalized_shape, mean, rstd, weight, bias, output_mask)
+    wanted = [True, output_mask[1] and weight is not None, output_mask[2] and bias is not None]
+    sums: list[torch.Tensor | None] = [None, None, None]
+    for index in _slabs(batch, LAYER_NORM_CHUNKS):
+        grad = grad_out[index]
+        part = aten.native_layer_norm_backward.default(
+            grad, rebuild(index), normalized_shape, mean[index], rstd[index], weight, bias,
+            wanted,
+        )
+        grad.copy_(part[0])
+        for k in (1, 2):
+            if wanted[k]:
+                sums[k] = part[k] if sums[k] is None else sums[k].add_(part[k])
+    return _masked(output_mask, grad_out, sums[1], sums[2])
+
+
+def layer_norm_backward_in_place(
+    grad_out: torch.Tensor,
+    inp: torch.Tensor,
+    normalized_shape: list[int],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Layer-norm backward that writes the input gradient over ``grad_out`` (contiguous),
+    an eighth of the rows at a time: it never holds a second tensor of that size."""
+    return _layer_norm_backward_into(grad_out, lambda index: inp[index], normalized_shape,
+                                     mean, rstd, weight, bias, output_mask)
+
+
+def layer_norm_backward_from_output_in_place(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    normalized_shape: list[int],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`layer_norm_backward_in_place` given the output: each slab's input is
+    rebuilt from its rows of the output, so the rebuild's workspace is a slab too."""
+    _check_invertible(weight, "layer norm backward from its output")
+    return _layer_norm_backward_into(
+        grad_out,
+        lambda index: _input_from_output(out[index], weight, bias, mean[index], rstd[index]),
+        normalized_shape, mean, rstd, weight, bias, output_mask,
+    )
+
+
 def _masked(mask, *values):
     return tuple(v if wanted else None for v, wanted in zip(values, mask, strict=True))
 
@@ -208,7 +286,23 @@ def layer_norm_sites(node: fx.Node) -> list[Site]:
         layer_norm_backward_from_output,
         (grad_out, out, normalized_shape, mean, rstd, weight, bias, output_mask),
     )
-    return [Site(node.name, (Alternative("layer_norm.backward_from_output", (rewrite,)),))]
+    alternatives = [Alternative("layer_norm.backward_from_output", (rewrite,))]
+    held = grad_out.meta.get("val") if isinstance(grad_out, fx.Node) else None
+    if (output_mask[0] and overwritable(grad_out, node) and isinstance(held, torch.Tensor)
+            and held.is_contiguous()):
+        alternatives += [
+            Alternative("layer_norm.backward_in_place", (Rewrite(
+                node, layer_norm_backward_in_place,
+                (grad_out, inp, normalized_shape, mean, rstd, weight, bias, output_mask),
+                overwrites=grad_out,
+            ),)),
+            Alternative("layer_norm.backward_from_output_in_place", (Rewrite(
+                node, layer_norm_backward_from_output_in_place,
+                (grad_out, out, normalized_shape, mean, rstd, weight, bias, output_mask),
+                overwrites=grad_out,
+            ),)),
+        ]
+    return [Site(node.name, tuple(alternatives))]
 
 
 _BATCH_NORMS = (

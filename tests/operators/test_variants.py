@@ -14,6 +14,8 @@ from monet.operators.norms import (
     batch_norm_backward_from_output_in_place,
     batch_norm_backward_in_place,
     layer_norm_backward_from_output,
+    layer_norm_backward_from_output_in_place,
+    layer_norm_backward_in_place,
 )
 
 aten = torch.ops.aten
@@ -114,6 +116,45 @@ def test_batch_norm_backward_in_place(shape, channels_last, with_affine, from_ou
         assert largest < grad.numel() * grad.element_size()
 
 
+@pytest.mark.parametrize(("shape", "normalized", "permuted"), [
+    ((1, 5), 1, False), ((2, 7, 33), 1, False), ((1, 50, 16), 1, False), ((3, 4, 2, 9), 2, False),
+    ((2, 6, 5, 9), 1, True), ((1, 8, 8, 24), 1, True),
+])
+@pytest.mark.parametrize("affine_kind", ["both", "weight", "none"])
+@pytest.mark.parametrize("from_output", [False, True])
+def test_layer_norm_backward_in_place(shape, normalized, permuted, affine_kind, from_output):
+    """The input gradient lands in the incoming gradient's storage (bit for bit aten's when
+    read from the input), with no temporary of its size, also for a permuted input."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = 3 * torch.randn(shape, generator=generator) + 1
+    if permuted:  # a channels-last norm of an NCHW value, as ConvNeXt's
+        x = x.permute(0, 2, 1, 3)
+    normalized = list(x.shape[-normalized:])
+    weight, bias = affine(normalized, generator)
+    weight = None if affine_kind == "none" else weight
+    bias = None if affine_kind != "both" else bias
+    out, mean, rstd = aten.native_layer_norm(x, normalized, weight, bias, 1e-5)
+    grad = torch.randn(out.shape, generator=generator)
+    mask = [True, weight is not None, bias is not None]
+    expected = aten.native_layer_norm_backward(grad, x, normalized, mean, rstd, weight, bias,
+                                               mask)
+    overwritten = grad.clone()
+    run = layer_norm_backward_from_output_in_place if from_output else layer_norm_backward_in_place
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        actual = run(overwritten, out if from_output else x, normalized, mean, rstd, weight,
+                     bias, mask)
+    close(actual, expected)
+    assert actual[0] is overwritten
+    if not from_output:
+        assert torch.equal(actual[0], expected[0])
+    largest = max((e.nbytes() for e in prof.profiler.kineto_results.events()
+                   if e.name() == "[memory]"), default=0)
+    if grad.numel() >= 8 * 64:
+        assert largest <= grad.nbytes / 4
+
+
 def test_zero_weights_are_refused_not_inverted():
     x = torch.randn(2, 3, 4)
     weight, bias = torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.zeros(4)
@@ -121,6 +162,9 @@ def test_zero_weights_are_refused_not_inverted():
     with pytest.raises(VariantRefused, match="exact zeros"):
         layer_norm_backward_from_output(torch.ones_like(x), out, [4], mean, rstd, weight, bias,
                                         [True, True, True])
+    with pytest.raises(VariantRefused, match="exact zeros"):
+        layer_norm_backward_from_output_in_place(torch.ones_like(x), out, [4], mean, rstd,
+                                                 weight, bias, [True, True, True])
     y = torch.randn(2, 3, 5, 5)
     with pytest.raises(VariantRefused, match="exact zeros"):
         batch_norm_backward_from_output(y, y, torch.tensor([0.0, 1.0, 1.0]), None,
