@@ -483,6 +483,31 @@ def test_relaxation_bounds_the_brute_force_optimum(seed, choices):
         assert solve_relaxation(problem, 1).bound == float("inf")
 
 
+@pytest.mark.parametrize("choices", [False, True])
+@pytest.mark.parametrize("seed", [0, 2, 3, 4])
+def test_rounded_lp_answers_reach_the_budget(seed, choices):
+    """The LP's answers, rounded, the budget lowered by each overshoot: exact peaks (the
+    simulator's), the last within the budget, and the LP's bound at the budget."""
+    from monet.solver.heuristic import _lower_until_fits
+    from monet.solver.relaxation import Relaxation
+
+    problem = random_problem(200, seed=seed)
+    if choices:
+        problem = with_random_choices(problem, seed=seed)
+    budget = keep_all(problem).predicted_peak // 2
+    answers, bound, overran = _lower_until_fits(
+        problem, Relaxation(problem, False), budget, time.perf_counter() + 10, 8,
+        integral=False)
+    assert not overran and answers and answers[-1][0].peak <= budget
+    assert all(c.peak > budget for c, _ in answers[:-1])
+    for candidate, variants in answers:
+        schedule = Schedule(problem.graph_hash, None, candidate.kept, candidate.recompute, 0,
+                            0.0, "heuristic", "test",
+                            variants=variants or problem.default_variants())
+        assert simulate(problem, build_program(problem, schedule)).peak == candidate.peak
+    assert bound == pytest.approx(Relaxation(problem, False).solve(budget, False).bound)
+
+
 def test_relaxation_is_tighter_than_the_knapsack_on_a_larger_graph():
     from monet.solver.relaxation import relaxation_lower_bound
 

@@ -282,17 +282,22 @@ class Relaxation:
         if result.status == 2:  # proven infeasible
             return Relaxed(math.inf)
         if not integral:
-            return Relaxed(float(result.fun) + self.offset if result.x is not None
-                           else -math.inf)
+            if result.x is None:
+                return Relaxed(-math.inf)
+            return Relaxed(float(result.fun) + self.offset, *self._answer(result.x))
         dual = getattr(result, "mip_dual_bound", None)
         bound = float(dual) + self.offset if dual is not None and math.isfinite(dual) else (
             -math.inf)
         if result.x is None:
             return Relaxed(bound)
-        x = result.x
+        return Relaxed(bound, *self._answer(result.x))
+
+    def _answer(self, x) -> tuple[frozenset[int], tuple[int, ...]]:
+        """The 0/1 answer nearest ``x``: what is recomputed more than half, and the
+        alternative picked most (an LP's answer, rounded)."""
         redo = frozenset(a for a, column in self.redo_column.items() if x[column] > 0.5)
         variants = tuple(
             max(range(count), key=lambda k: x[self.pick_column[c, k]])
             for c, count in enumerate(self.alternatives)
         )
-        return Relaxed(bound, redo, variants)
+        return redo, variants
