@@ -426,7 +426,7 @@ def _lower_until_fits(problem: Problem, model, budget: int, deadline: float, rou
                       ) -> tuple[list[tuple[Candidate, tuple[int, ...]]], float, bool]:
     """0/1 answers of ``model`` (without ``integral``: its LP's, rounded), its budget
     lowered by each overshoot until one fits, with the model's bound at ``budget`` and
-    whether a solve overran its time limit (the rounds then stop). A budget lowered
+    whether a solve overran its time limit (the rounds then stop). An LP's budget lowered
     past what the model admits is raised halfway back to the last one it admitted."""
     answers = []
     target, bound = budget, -math.inf
@@ -442,6 +442,8 @@ def _lower_until_fits(problem: Problem, model, budget: int, deadline: float, rou
         if relaxation.bound == math.inf:
             if target == budget:
                 return answers, math.inf, False
+            if integral:
+                break  # a 0/1 solve takes seconds: not spent on bisecting
             refused, target = target, (target + admitted) // 2
             continue
         if time.perf_counter() - began > OVERRUN * limit + 0.2:
