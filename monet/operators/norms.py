@@ -201,8 +201,12 @@ def _layer_norm_backward_into(grad_out, rebuild, normalized_shape, mean, rstd, w
         grad.copy_(part[0])
         for k in (1, 2):
             if wanted[k]:
-                sums[k] = part[k] if sums[k] is None else sums[k].add_(part[k])
-    return _masked(output_mask, grad_out, sums[1], sums[2])
+                # Summed in float32, as aten's one reduction is, whatever the dtype.
+                part_sum = part[k].to(torch.promote_types(part[k].dtype, torch.float32))
+                sums[k] = part_sum if sums[k] is None else sums[k].add_(part_sum)
+    parameters = (None, weight, bias)
+    return _masked(output_mask, grad_out, *(
+        None if sums[k] is None else sums[k].to(parameters[k].dtype) for k in (1, 2)))
 
 
 def layer_norm_backward_in_place(

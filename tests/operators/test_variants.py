@@ -155,6 +155,30 @@ def test_layer_norm_backward_in_place(shape, normalized, permuted, affine_kind, 
         assert largest <= grad.nbytes / 4
 
 
+def test_layer_norm_backward_in_place_in_bfloat16():
+    """The parameter gradients are summed over slabs in float32: within bfloat16's
+    rounding of the exact (float64) gradients, as aten's are (here aten's err more).
+    (Rebuilt from a bfloat16 output, the input carries that output's rounding: the
+    from-output variants are for float32 and autocast's float32 norms.)"""
+    generator = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(4, 50, 64, generator=generator) + 1).bfloat16()
+    weight, bias = (t.bfloat16() for t in affine([64], generator))
+    out, mean, rstd = aten.native_layer_norm(x, [64], weight, bias, 1e-5)
+    grad = torch.randn(out.shape, generator=generator).bfloat16()
+    exact = aten.native_layer_norm_backward(
+        *(t.double() for t in (grad, x)), [64], *(t.double() for t in (mean, rstd, weight, bias)),
+        [True, True, True])
+    aten_error = [
+        (e.double() - x).abs().max().item() for e, x in zip(aten.native_layer_norm_backward(
+            grad, x, [64], mean, rstd, weight, bias, [True, True, True]), exact, strict=True)]
+    actual = layer_norm_backward_in_place(grad.clone(), x, [64], mean, rstd, weight, bias,
+                                          [True, True, True])
+    for value, reference, theirs in zip(actual, exact, aten_error, strict=True):
+        assert value.dtype == torch.bfloat16
+        error = (value.double() - reference).abs().max().item()
+        assert error <= max(theirs, 2 ** -7 * reference.abs().max().item())
+
+
 def test_zero_weights_are_refused_not_inverted():
     x = torch.randn(2, 3, 4)
     weight, bias = torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.zeros(4)
