@@ -373,7 +373,8 @@ def relax_and_repair(
     The relaxation (:mod:`monet.solver.relaxation`) picks recomputations and
     variants under a model that leaves the recomputations' own bytes out, so
     its answer can exceed ``budget``; each round lowers the relaxation's
-    budget by the overshoot and solves again, until a schedule fits. The full
+    budget by the overshoot and solves again, until a schedule fits: first
+    the LP's answers, rounded (fast), then the 0/1 program's. The full
     relaxation, solved once, gives the bound; :func:`fit_and_trim` then trims
     the cheapest answer that fits (in the last ``TRIM_SHARE`` of ``time_limit``).
     Also returns the relaxation's lower bound on the added time within ``budget``
