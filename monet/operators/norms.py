@@ -291,9 +291,9 @@ def layer_norm_sites(node: fx.Node) -> list[Site]:
         (grad_out, out, normalized_shape, mean, rstd, weight, bias, output_mask),
     )
     alternatives = [Alternative("layer_norm.backward_from_output", (rewrite,))]
-    held = grad_out.meta.get("val") if isinstance(grad_out, fx.Node) else None
-    if (output_mask[0] and overwritable(grad_out, node) and isinstance(held, torch.Tensor)
-            and held.is_contiguous()):
+    # overwritable() has checked that grad_out is a node holding a dense tensor.
+    if (output_mask[0] and overwritable(grad_out, node)
+            and grad_out.meta["val"].is_contiguous()):
         alternatives += [
             Alternative("layer_norm.backward_in_place", (Rewrite(
                 node, layer_norm_backward_in_place,
