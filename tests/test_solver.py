@@ -483,6 +483,86 @@ def test_relaxation_bounds_the_brute_force_optimum(seed, choices):
         assert solve_relaxation(problem, 1).bound == float("inf")
 
 
+def _kept_for_a_recomputation() -> Problem:
+    """x → a → h → b → y → c → z → out; no backward node reads h (4 bytes), so keeping
+    it instead of y (10) serves only to recompute b, whose first backward reader,
+    grad_c, comes after grad_out: until then h (or y, recomputed early) is live."""
+    sizes = (1, 4, 10, 10, 1, 1, 8, 1, 1, 1)
+    nodes = (
+        Node("x", "input", "input", (), (0,), (0,), recomputable=False),
+        Node("a", "op", "forward", (0,), (1,), (1,), time=1.0),
+        Node("b", "op", "forward", (1,), (2,), (2,), time=1.0),
+        Node("c", "op", "forward", (2,), (3,), (3,), time=5.0),
+        Node("out", "op", "forward", (3,), (4,), (4,), time=0.1, is_output=True),
+        Node("tangent", "input", "tangent", (), (5,), (5,), recomputable=False),
+        Node("grad_out", "op", "backward", (5, 3), (6,), (6,), time=1.0),
+        Node("grad_c", "op", "backward", (6, 2), (7,), (7,), time=1.0),
+        Node("grad_b", "op", "backward", (7, 2), (8,), (8,), time=1.0),
+        Node("grad_a", "op", "backward", (8, 0), (9,), (9,), time=1.0, is_output=True),
+    )
+    return Problem(nodes, sizes, structure_hash(nodes, sizes), "kept-for-recomputation")
+
+
+@pytest.mark.parametrize("case", ["kept", "early-6-11", "early-7-8"])
+def test_recomputation_lifetimes_raise_the_relaxation_and_keep_it_a_bound(case, monkeypatch):
+    """What the relaxation counts of recomputations' lifetimes (a value kept only to
+    recompute from; a recomputed value read by an earlier recomputation) lifts its LP
+    on these problems and never above brute force."""
+    from monet.solver.relaxation import Relaxation
+
+    if case == "kept":
+        problem, term = _kept_for_a_recomputation(), "_add_kept_for_recomputations"
+        budgets = [25]
+    else:
+        _, n, seed = case.split("-")
+        problem = random_problem(int(n), seed=int(seed), workspace_probability=0.3)
+        term = "_add_early_recomputations"
+        high = keep_all(problem).predicted_peak
+        low = minimum_budget(problem, time_limit=2)[0].budget
+        budgets = [low, (high + low) // 2]
+    full = Relaxation(problem)
+    monkeypatch.setattr(Relaxation, term, lambda *args: None)
+    without = Relaxation(problem)
+    raised = 0
+    for budget in budgets:
+        expected = brute_force(problem, budget)
+        bound = full.solve(budget, integral=False).bound
+        assert bound <= expected + 1e-12
+        raised += bound > without.solve(budget, integral=False).bound + 1e-12
+    assert raised
+
+
+@pytest.mark.parametrize("choices", [False, True])
+def test_relaxation_lp_meets_every_point_not_only_the_rows_it_keeps(choices, monkeypatch):
+    """The LP keeps one memory row per run of points covered by the same terms (the one
+    with least room): its answer fits the budget at every point all the same."""
+    import numpy as np
+
+    from monet.solver import relaxation
+
+    problem = random_problem(200, seed=4)
+    if choices:
+        problem = with_random_choices(problem, seed=4)
+    budget = keep_all(problem).predicted_peak // 2
+    answers = []
+    solve_lp = relaxation.milp
+
+    def spy(*args, **kwargs):
+        result = solve_lp(*args, **kwargs)
+        answers.append(result.x)
+        return result
+
+    monkeypatch.setattr(relaxation, "milp", spy)
+    model = relaxation.Relaxation(problem)
+    assert model.solve(budget, integral=False).bound < float("inf")
+    x = answers[-1]
+    load = np.zeros(len(model.level) + 1)
+    for column, amount, lo, hi in model.terms:
+        load[lo] += x[column] * amount
+        load[hi + 1] -= x[column] * amount
+    assert (model.level + np.cumsum(load)[:-1] <= budget * (1 + 1e-9)).all()
+
+
 @pytest.mark.parametrize("choices", [False, True])
 @pytest.mark.parametrize("seed", [0, 2, 3, 4])
 def test_rounded_lp_answers_reach_the_budget(seed, choices):
