@@ -532,6 +532,35 @@ def test_recomputation_lifetimes_raise_the_relaxation_and_keep_it_a_bound(case, 
     assert raised
 
 
+def test_a_split_choice_is_held_to_its_leanest_part():
+    """An LP answer that splits a choice between alternatives names, per choice, the
+    leanest of those it picks at all (alternative_bytes); a whole answer names none."""
+    import numpy as np
+
+    from monet.solver.heuristic import alternative_bytes
+    from monet.solver.relaxation import Relaxation
+
+    problem = with_random_choices(random_problem(40, seed=3), seed=3)
+    model = Relaxation(problem)
+    leanness = alternative_bytes(problem)
+    x = np.zeros(model.columns)
+    for c, count in enumerate(model.alternatives):
+        x[model.pick_column[c, 0]] = 1.0
+    assert model._answer(x)[2] is None
+    split = [c for c, count in enumerate(model.alternatives) if count >= 2]
+    assert split
+    for c in split:
+        x[model.pick_column[c, 0]] = x[model.pick_column[c, 1]] = 0.5
+    lean = model._answer(x)[2]
+    assert lean is not None
+    for c, count in enumerate(model.alternatives):
+        if c in split:
+            assert leanness[c][lean[c]] == min(leanness[c][0], leanness[c][1])
+            assert lean[c] in (0, 1)
+        else:
+            assert lean[c] == 0
+
+
 @pytest.mark.parametrize("choices", [False, True])
 def test_relaxation_lp_meets_every_point_not_only_the_rows_it_keeps(choices, monkeypatch):
     """The LP keeps one memory row per run of points covered by the same terms (the one
