@@ -295,36 +295,60 @@ class Relaxation:
         Wherever they are, at every backward point before ``J(a)`` (the first backward
         read of ``a``'s outputs, no earlier than ``a``'s recomputation) either ``s`` is
         still live (``a`` not yet recomputed) or ``a``'s outputs are (recomputed, not yet
-        read, so no other term counts them). So with ``s`` kept and any reader ``a`` whose
-        ``J(a)`` lies past a point recomputed, at least ``min(|s|, |outputs of a|)`` of
-        those bytes are live there; the readers whose ``J`` lies past a piece of the span
-        share one column over it (``u ≥ keep[s] + redo[a] - 1``), with the least such
-        ``min``, so no point counts ``s`` twice."""
+        read). So with ``s`` kept and any reader ``a`` whose ``J(a)`` lies past a point
+        recomputed, at least ``min(|s|, |outputs of a|)`` of those bytes are live there;
+        the readers whose ``J`` lies past a piece of the span share one column over it
+        (``u ≥ keep[s] + redo[a] - 1``), with the least such ``min``, so no point counts
+        ``s`` twice. ``a``'s outputs must be counted by nothing else there: a reader
+        reading a second such storage is left out (both terms would count its outputs),
+        as are outputs a variant reads, and past the due point of a recomputation reading
+        an output (where :meth:`_add_early_recomputations` may count it) the term holds
+        only if that recomputation does not run."""
         n_forward = len(st.forward)
         extended = {s for _, _, s, _, _ in st.extensions}
-        for s in st.decision_storages:
-            if s in st.first_read or s in by_storage or s in extended:
-                continue
-            due: dict[int, list[tuple[int, int]]] = {}
+        alone = {s for s in st.decision_storages
+                 if s not in st.first_read and s not in by_storage and s not in extended}
+        for s in sorted(alone):
+            # Reader a → (J(a), its outputs' bytes or |s|, the recomputations reading
+            # them due before J(a), with their due points).
+            readers: dict[int, tuple[int, int, list[tuple[int, int]]]] = {}
             for a in st.readers.get(s, ()):
-                outputs = [o for o in st.outputs_of[a] if o in st.first_read]
-                if not outputs:
+                if len(alone.intersection(st.recompute_reads[a])) != 1:
+                    continue  # another term could count a's outputs too
+                read = [o for o in st.outputs_of[a] if o in st.first_read]
+                if not read or any(o in by_storage or o in extended for o in read):
                     continue
-                j = min(st.first_read[o] for o in outputs)
-                due.setdefault(j, []).append((a, min(sizes[s], sum(sizes[o] for o in outputs))))
-            marks = sorted(due, reverse=True)
-            later: list[tuple[int, int]] = []
-            for k, j in enumerate(marks):
-                later += due[j]
-                lo = n_forward + 2 * marks[k + 1] if k + 1 < len(marks) else n_forward + 1
-                amount = min(covered for _, covered in later)
-                if not amount or lo > n_forward + 2 * j - 1:
+                j = min(st.first_read[o] for o in read)
+                early = [(r, self._due(st, r)) for o in read for r in st.readers.get(o, ())]
+                readers[a] = (j, min(sizes[s], sum(sizes[o] for o in read)),
+                              [(r, d) for r, d in early if d is not None and d < j])
+            marks = sorted({j for j, _, _ in readers.values()}
+                           | {d for _, _, early in readers.values() for _, d in early},
+                           reverse=True)
+            for k, mark in enumerate(marks):
+                below = marks[k + 1] if k + 1 < len(marks) else None
+                lo = n_forward + 2 * below if below is not None else n_forward + 1
+                hi = n_forward + 2 * mark - 1
+                eligible = [a for a, (j, _, _) in readers.items() if j >= mark]
+                if not eligible or lo > hi:
+                    continue
+                amount = min(readers[a][1] for a in eligible)
+                if not amount:
                     continue
                 u = self._column(0.0)
-                for a, _ in later:
-                    self.logic.append(([(u, 1.0), (keep[s], -1.0), (redo[a], -1.0)],
-                                       -1.0, math.inf))
-                terms.append((u, amount, lo, n_forward + 2 * j - 1))
+                for a in eligible:
+                    # Where a recomputation reading a's outputs is due, the early term
+                    # may count them: then this one holds only if none of those runs.
+                    counted = [r for r, d in readers[a][2] if below is not None and d <= below]
+                    self.logic.append(([(u, 1.0), (keep[s], -1.0), (redo[a], -1.0)]
+                                       + [(redo[r], 1.0) for r in counted], -1.0, math.inf))
+                terms.append((u, amount, lo, hi))
+
+    @staticmethod
+    def _due(st, a: int) -> int | None:
+        """The first backward read of ``a``'s outputs (``a`` is recomputed no later)."""
+        reads = [st.first_read[o] for o in st.outputs_of[a] if o in st.first_read]
+        return min(reads) if reads else None
 
     def _term_arrays(self):
         """``terms`` as arrays: column, bytes (float), first point, last point."""
