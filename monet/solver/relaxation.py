@@ -80,6 +80,10 @@ def solve_relaxation(
 
 WHOLE = 1e-6
 """An LP value within this of 0 or 1 counts as whole."""
+COST_SCALE = 1e6
+"""HiGHS sees the costs in microseconds: in seconds its absolute MIP gap (1e-6) is a
+microsecond, and a 0/1 solve stopped within it reported a bound 0.6 µs above the optimum
+(0.7333 against 0.7326 ms)."""
 
 
 class Relaxation:
@@ -410,7 +414,7 @@ class Relaxation:
             for (c, k), column in self.pick_column.items():
                 lower[column] = upper[column] = float(variants[c] == k)
         result = milp(
-            np.asarray(self.cost), constraints=constraints,
+            np.asarray(self.cost) * COST_SCALE, constraints=constraints,
             integrality=np.full(self.columns, 1 if integral else 0),
             bounds=Bounds(lower, upper),
             options={"time_limit": max(0.1, time_limit), "disp": False},
@@ -420,10 +424,11 @@ class Relaxation:
         if not integral:
             if result.x is None:
                 return Relaxed(-math.inf)
-            return Relaxed(float(result.fun) + self.offset, *self._answer(result.x))
+            return Relaxed(float(result.fun) / COST_SCALE + self.offset,
+                           *self._answer(result.x))
         dual = getattr(result, "mip_dual_bound", None)
-        bound = float(dual) + self.offset if dual is not None and math.isfinite(dual) else (
-            -math.inf)
+        bound = float(dual) / COST_SCALE + self.offset if dual is not None and math.isfinite(
+            dual) else -math.inf
         if result.x is None:
             return Relaxed(bound)
         return Relaxed(bound, *self._answer(result.x))
