@@ -457,7 +457,8 @@ def _lower_until_fits(problem: Problem, model, budget: int, deadline: float, rou
             break
         if relaxation.lean is not None:
             # A split choice: each held to its leanest part, the LP answers again.
-            held = model.solve(target, integral, limit, variants=relaxation.lean)
+            held = model.solve(target, integral, max(0.2, deadline - time.perf_counter()),
+                               variants=relaxation.lean)
             if held.redo is not None and held.bound < math.inf:
                 relaxation = held
         variants = relaxation.variants or ()

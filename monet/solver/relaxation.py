@@ -399,7 +399,7 @@ class Relaxation:
             binding.sort()
             # Each term covers the binding points in [lo, hi]: rows first..stop-1.
             first = np.searchsorted(binding, lo)
-            count = np.searchsorted(binding, hi, "right") - first
+            count = np.maximum(np.searchsorted(binding, hi, "right") - first, 0)
             starts = np.repeat(first - np.cumsum(count) + count, count)
             rows = np.arange(int(count.sum())) + starts
             memory = sparse.csr_matrix(
