@@ -88,6 +88,15 @@ def alternative_bytes(problem: Problem) -> list[list[int]]:
     ]
 
 
+def shared_alternative_bytes(problem: Problem) -> list[list[int]]:
+    """:func:`alternative_bytes`, computed once per problem (the exchange search and both
+    relaxation models ask for it)."""
+    cached = problem.__dict__.get("_alternative_bytes")
+    if cached is None:
+        cached = problem.__dict__["_alternative_bytes"] = alternative_bytes(problem)
+    return cached
+
+
 def schedule_for(
     problem: Problem, structure: Structure, redo: set[int]
 ) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None:
@@ -805,9 +814,7 @@ def _switches(problem: Problem, variants: tuple[int, ...]) -> list[tuple[int, ..
     time first, then those that save the most bytes (:func:`alternative_bytes`; a
     few large savings let the costliest recomputations go, many small ones rarely
     do); none that saves neither."""
-    cached = problem.__dict__.get("_alternative_bytes")
-    if cached is None:
-        cached = problem.__dict__["_alternative_bytes"] = alternative_bytes(problem)
+    cached = shared_alternative_bytes(problem)
     ranked = []
     for c, choice in enumerate(problem.choices):
         seconds = [sum(o.time - problem.nodes[o.node].time for o in a.overrides)

@@ -42,7 +42,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from monet.solver.bound import deferrable_bytes
-from monet.solver.heuristic import alternative_bytes
+from monet.solver.heuristic import shared_alternative_bytes
 from monet.solver.ilp import analyse, runs_in_every_forward
 from monet.solver.problem import Problem
 from monet.solver.program import storage_owner
@@ -97,7 +97,7 @@ class Relaxation:
         sizes = problem.storage_bytes
         owner = storage_owner(problem)
         n_forward, points = len(st.forward), st.points
-        self.leanness = alternative_bytes(problem) if problem.choices else []
+        self.leanness = shared_alternative_bytes(problem) if problem.choices else []
         self.columns = 0
         self.cost: list[float] = []
         self.upper_bound: list[float] = []
@@ -279,9 +279,9 @@ class Relaxation:
             first = st.first_read[s]
             due: dict[int, list[int]] = {}
             for a in st.readers.get(s, ()):
-                reads = [st.first_read[o] for o in st.outputs_of[a] if o in st.first_read]
-                if reads and min(reads) < first:
-                    due.setdefault(min(reads), []).append(a)
+                j = self._due(st, a)
+                if j is not None and j < first:
+                    due.setdefault(j, []).append(a)
             marks = sorted(due)
             earlier: list[int] = []
             for k, j in enumerate(marks):
@@ -322,7 +322,7 @@ class Relaxation:
                 read = [o for o in st.outputs_of[a] if o in st.first_read]
                 if not read or any(o in by_storage or o in extended for o in read):
                     continue
-                j = min(st.first_read[o] for o in read)
+                j = self._due(st, a)
                 early = [(r, self._due(st, r)) for o in read for r in st.readers.get(o, ())]
                 readers[a] = (j, min(sizes[s], sum(sizes[o] for o in read)),
                               [(r, d) for r, d in early if d is not None and d < j])
