@@ -91,7 +91,39 @@ def _mlp(tokens=8 * 197, width=384, hidden=1536):
             (variant, (grad2d, x2d, w1t, b1, w2t, [mask, 1 / 0.9])))
 
 
+def _attention(shape=(8, 6, 197, 64), backward=True):
+    """ViT-S's attention (batch 8, 6 heads, 197 tokens): the CPU flash kernel (what
+    ``scaled_dot_product_attention`` captures; it keeps its log-sum-exp and rebuilds the
+    probabilities in the backward) against the math path that keeps the N×N
+    probabilities for its backward, the alternative a GPU's kernels would offer."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    scale = shape[-1] ** -0.5
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+    grad = torch.randn(shape, generator=g)
+
+    def math_forward(q, k, v):
+        probabilities = torch.softmax((q * scale) @ k.transpose(-2, -1), -1)
+        return probabilities @ v, probabilities
+
+    def math_backward(grad, q, k, v, probabilities):
+        grad_scores = aten._softmax_backward_data(
+            grad @ v.transpose(-2, -1), probabilities, -1, q.dtype)
+        return ((grad_scores @ k) * scale, (grad_scores.transpose(-2, -1) @ q) * scale,
+                probabilities.transpose(-2, -1) @ grad)
+
+    if not backward:
+        return ((aten._scaled_dot_product_flash_attention_for_cpu.default, (q, k, v)),
+                (math_forward, (q, k, v)))
+    probabilities = math_forward(q, k, v)[1]
+    return ((aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+             (grad, q, k, v, out, lse, 0.0, False)),
+            (math_backward, (grad, q, k, v, probabilities)))
+
+
 CASES = {
+    "attention keeping probabilities (forward)": lambda: _attention(backward=False),
+    "attention keeping probabilities (backward)": _attention,
     "mlp.backward_chunked": _mlp,
     "layer_norm.backward_from_output": _layer_norm,
     "batch_norm.backward_from_output": _batch_norm,

@@ -1,7 +1,8 @@
 """Peers: monet beside what a user would pick instead, on one memory/time frontier per model.
 
     python benchmarks/peers.py [MODEL ...] [--models MODEL ...]
-        [--methods eager checkpoint compile rockmate revvit monet monet-checkpoint]
+        [--methods eager checkpoint compile rockmate revvit monet monet-checkpoint
+                   monet-reversible]
         [--budgets 1.0,0.7,0.5,0.35] [--compile-budgets 1.0,0.5,0.2]
         [--compile-models MODEL ...] [--time-limit 10] [--repeats 5] [--threads 1]
         [--output-dir benchmarks/results/peers]
@@ -23,7 +24,9 @@ For each model, in one process and on the same inputs:
 - RevViT's reversible backward (RevViT models; eager and the other methods then run
   the same weights under plain autograd, ``model.twin(reversible=False)``);
 - monet at budgets that are fractions of eager's peak as measured here: joint (keep,
-  recompute and operator variants) and checkpoint-only (``variants=False``).
+  recompute and operator variants) and checkpoint-only (``variants=False``); on a
+  RevViT also joint on the reversible model itself (``monet reversible``: its rebuild of
+  the block inputs is one more choice, against reading the forward's values).
 
 Every method's peak is measured the same way (``monet.measure.measure_peak_memory``:
 on CPU the torch profiler's ``[memory]`` allocator events), on one step after a
@@ -90,20 +93,22 @@ COMPILE_ATOL = 1e-5  # inductor fuses and reorders float arithmetic
 VARIANT_ATOL = 1e-5  # monet's operator variants: other kernels, norms rebuilt from outputs
 TIMELINE_BUDGET = 0.5
 
-EAGER, CHECKPOINT, COMPILE, ROCKMATE, REVVIT, MONET, MONET_CHECKPOINT = (
+EAGER, CHECKPOINT, COMPILE, ROCKMATE, REVVIT, MONET, MONET_CHECKPOINT, MONET_REVERSIBLE = (
     "eager", "checkpoint", "torch.compile", "rockmate", "revvit reversible", "monet",
-    "monet checkpoint-only",
+    "monet checkpoint-only", "monet reversible",
 )
 METHOD_ARGS = {
     "eager": EAGER, "checkpoint": CHECKPOINT, "compile": COMPILE,
     "rockmate": ROCKMATE, "revvit": REVVIT, "monet": MONET,
-    "monet-checkpoint": MONET_CHECKPOINT,
+    "monet-checkpoint": MONET_CHECKPOINT, "monet-reversible": MONET_REVERSIBLE,
 }
-MONETS = (MONET, MONET_CHECKPOINT)
-"""monet joint (keep/recompute and operator variants) and monet without variants."""
+MONETS = (MONET, MONET_CHECKPOINT, MONET_REVERSIBLE)
+"""monet joint (keep/recompute and operator variants), monet without variants, and monet
+joint on a RevViT's reversible capture (its rebuild a choice: ``reversible.keep``)."""
 STYLES = {  # colour and marker per method, the same in every figure
     EAGER: ("black", "*"), CHECKPOINT: ("tab:orange", "s"), COMPILE: ("tab:green", "^"),
     REVVIT: ("tab:purple", "D"), MONET: ("tab:blue", "o"), MONET_CHECKPOINT: ("tab:cyan", "v"),
+    MONET_REVERSIBLE: ("tab:red", "P"),
 }
 
 # Models that are not zoo names: a zoo builder with overrides, its batch and image size.
@@ -294,17 +299,26 @@ def variants_chosen(optimized: Any) -> str:
     return ", ".join(f"{name}×{count}" for name, count in sorted(counts.items())) or "none"
 
 
+def _monet_source(subject: Subject, method: str) -> nn.Module:
+    """The module monet optimises: the reversible RevViT for ``monet reversible``, else
+    the plain one every other method runs."""
+    if method == MONET_REVERSIBLE:
+        assert subject.reversible is not None
+        return subject.reversible
+    return subject.model
+
+
 def monet_entry(
     subject: Subject, fraction: float, eager_peak: int, time_limit: float, method: str = MONET
 ) -> Entry:
     """monet planned for ``fraction`` of eager's measured peak, in bytes."""
-    model = copy.deepcopy(subject.model)
+    model = copy.deepcopy(_monet_source(subject, method))
     budget = int(fraction * eager_peak)
     # Bytes from eager's peak measured here, so that 0.5 means half of the eager row;
     # timing_repeats=0: this benchmark times every method itself, side by side.
     optimized = monet.optimize(
         model, budget, subject.inputs, time_limit=time_limit, timing_repeats=0,
-        variants=method == MONET,
+        variants=method != MONET_CHECKPOINT,
     )
     plan = optimized.last_plan
     assert plan is not None  # example inputs in training mode plan at once
@@ -329,11 +343,12 @@ def monet_least_entry(subject: Subject, time_limit: float, method: str = MONET) 
 
     from monet.solver import minimum_budget
 
-    model = copy.deepcopy(subject.model)
+    source = _monet_source(subject, method)
+    model = copy.deepcopy(source)
     started = time.perf_counter()
-    joint = method == MONET
+    joint = method != MONET_CHECKPOINT
     problem = monet.optimize(
-        copy.deepcopy(subject.model), 1.0, subject.inputs, measure=False, variants=joint
+        copy.deepcopy(source), 1.0, subject.inputs, measure=False, variants=joint
     ).last_plan.problem
     schedule, _ = minimum_budget(problem, time_limit)
     with tempfile.TemporaryDirectory() as directory:
@@ -875,8 +890,9 @@ def methods_of(subject: Subject, arguments: argparse.Namespace) -> list[str]:
     picked = METHOD_ARGS.values() if arguments.methods is None else (
         METHOD_ARGS[m] for m in arguments.methods)
     chosen = list(dict.fromkeys([EAGER, *picked]))
-    if subject.reversible is None and REVVIT in chosen:
-        chosen.remove(REVVIT)  # only a RevViT has a reversible backward
+    if subject.reversible is None:
+        # Only a RevViT has a reversible backward.
+        chosen = [m for m in chosen if m not in (REVVIT, MONET_REVERSIBLE)]
     if COMPILE in chosen and not compiled_here(subject.label, arguments):
         chosen.remove(COMPILE)
         arguments.compile_skipped.add(subject.label)

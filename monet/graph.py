@@ -89,8 +89,10 @@ def analyse(
     """
     if variants:
         from monet.operators.mlp import fuse_mlp_backwards
+        from monet.operators.reversible import expose_twins
 
         fuse_mlp_backwards(joint.module)
+        expose_twins(joint.module)
     graph = joint.module.graph
     output = graph.output_node()
     outs = list(output.args[0])
@@ -100,7 +102,7 @@ def analyse(
     primals = [n for n in placeholders if not n.name.startswith("tangents")]
     tangents = [n for n in placeholders if n.name.startswith("tangents")]
     forward, order = _phases(graph, primals, tangents)
-    sites = find_sites(order, lossy, forward_kernels) if variants else []
+    sites = find_sites(order, lossy, forward_kernels, forward) if variants else []
     if variants and lossy:
         # Kept values' bfloat16 copies: casts inserted after the other sites are
         # found (their patterns count users), for values no other site's rewrite reads.

@@ -211,7 +211,8 @@ def profile(
                     tuple(analysed.index[n] for n in rewrite.inputs()),
                     seconds, workspace,
                 ))
-            storages = [analysed.problem.nodes[analysed.index[n]].storages
+            # The storages the dropped nodes allocate (a view drops nothing of its base's).
+            storages = [analysed.problem.nodes[analysed.index[n]].allocates
                         for n in alternative.drops]
             drops = tuple(dict.fromkeys(s for held in storages for s in held))
             if not drops and not any(_worth_offering(nodes[o.node], o) for o in overrides):

@@ -102,12 +102,22 @@ def _finders() -> list[Finder]:
 
 
 def find_sites(
-    nodes: Iterable[fx.Node], lossy: bool = False, forward_kernels: bool = False
+    nodes: Iterable[fx.Node], lossy: bool = False, forward_kernels: bool = False,
+    forward: set[fx.Node] | None = None,
 ) -> list[Site]:
-    """Every variant site among ``nodes`` (the joint graph's calls)."""
+    """Every variant site among ``nodes`` (the joint graph's calls, in monet's order).
+
+    With ``forward`` (the joint graph's forward nodes), a reversible rebuild's site comes
+    first: it rewrites the backward's reads of the rebuild, and claims those nodes.
+    """
+    nodes = list(nodes)
     sites = []
+    if forward is not None:
+        from monet.operators.reversible import reversible_sites
+
+        sites += reversible_sites(nodes, forward)
     finders = _finders()
-    claimed: set[fx.Node] = set()
+    claimed = {r.node for site in sites for a in site.alternatives for r in a.rewrites}
     for node in nodes:
         if node.op != "call_function":
             continue
