@@ -468,3 +468,23 @@ def test_value_numbers_see_through_a_reversible_coupling():
     assert number[f_again] == number[f] and number[b_again] == number[b]
     assert number[not_a] not in (number[a], number[b])
     assert number[noise[0]] != number[noise[1]]  # random draws are never one value
+
+
+def test_a_dropped_rebuild_is_charged_once():
+    """Under ``reversible.keep`` the rebuild runs not at all: the exact model and the
+    relaxation charge its time once, as its step delta, so the cheapest plan (keep
+    everything, fastest variants) costs there what the simulator says, and the
+    relaxation's bound at that budget is that cost."""
+    from monet.solver.heuristic import fastest_variants, relax_and_repair
+    from monet.solver.ilp import solve_cpsat
+
+    model, _, x = _revvit()
+    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5).last_plan.problem
+    fastest = keep_all(problem, fastest_variants(problem))
+    (c,) = [c for c, choice in enumerate(problem.choices) if choice.name == "reversible"]
+    assert fastest.variants[c] == 1 and fastest.predicted_overhead < 0
+    solution = solve_cpsat(problem, fastest.predicted_peak, time_limit=5,
+                           hint=(fastest.kept, fastest.recompute, fastest.variants))
+    assert solution.objective == pytest.approx(fastest.predicted_overhead, abs=1e-6)
+    _, bound = relax_and_repair(problem, fastest.predicted_peak, time_limit=5)
+    assert bound == pytest.approx(fastest.predicted_overhead, abs=1e-6)

@@ -92,6 +92,11 @@ class Structure:
     the backward; the program runs it in the forward only where a kept value needs
     it. Its ``cost`` is 0: recomputed, it adds nothing unless the forward runs it
     too, which :func:`monet.solver.heuristic.recompute_seconds` charges."""
+    dropped_skippable: list[tuple[int, int, int]] = field(default_factory=list)
+    """(skippable op, choice, alternative): the alternative drops the op's values. Every
+    schedule runs a skippable op at least once but under such an alternative, which may
+    run it not at all: its step delta has the change of its nodes' time already, so the
+    models charge it ``max(0, run + redo - 1)`` there, not ``run + redo - 1``."""
     forced_by: dict[int, list[int]] = field(default_factory=dict)
     """Forward node the program runs only where a kept value needs it (a skippable op,
     any node no output needs but a deferred view) → the decision storages whose
@@ -260,6 +265,8 @@ def analyse(problem: Problem) -> Structure:
             for k, alternative in enumerate(choice.alternatives):
                 for a in sorted(unrecomputed_ops(problem, alternative) & recomputable):
                     structure.no_redo.setdefault(a, []).append((c, k))
+                for r in sorted({owner[s] for s in alternative.drops} & skippable.keys()):
+                    structure.dropped_skippable.append((r, c, k))
     return structure
 
 
@@ -692,6 +699,12 @@ def solve_cpsat(
         for r in st.skippable:
             # Run once (kept from the forward, or recomputed) it adds nothing; twice, its time.
             terms += [weights[r] * run[r], -weights[r]]
+        for r, c, k in st.dropped_skippable:
+            # z ≥ pick - run - redo: the skippable term's -weight, taken back where it
+            # would credit an op the alternative leaves unrun.
+            unrun = model.NewBoolVar(f"unrun{r}_{c}_{k}")
+            model.AddBoolOr([pick[c, k].Not(), run[r], redo[r], unrun])
+            terms.append(weights[r] * unrun)
         terms += [round(d * TIME_SCALE) * pick[ck] for ck, d in st.step_delta.items() if d]
         for a, deltas in st.redo_delta.items():
             for c, k, d in deltas:

@@ -347,6 +347,14 @@ def solve_milp(
                 m.row({both: 1.0, redo[a]: -1.0}, upper=0.0)
                 m.row({both: 1.0, pick[c, k]: -1.0}, upper=0.0)
             variant_weights[both] = float(round(d * TIME_SCALE))
+    # unrun ≥ pick - run - redo where the picked alternative drops a skippable op's
+    # values (Structure.dropped_skippable).
+    unrun: dict[int, int] = {}
+    for r, c, k in st.dropped_skippable:
+        column = m.column(False)
+        m.row(_sum({column: 1.0, pick[c, k]: -1.0, run[r]: 1.0},
+                   {redo[r]: 1.0} if r in redo else None), lower=0.0)
+        unrun[column] = r
     # A skippable op adds its time when it runs twice: recomputed, and run in the
     # forward because a value kept from it or from its readers needs it (run ≥ keep).
     objective = np.zeros(m.columns)
@@ -359,6 +367,8 @@ def solve_milp(
             objective[column] += weight
         for r in st.skippable:
             objective[run[r]] += float(weights[r])
+        for column, r in unrun.items():
+            objective[column] += float(weights[r])
 
     result = _run(m, objective, time_limit - (time.perf_counter() - started), budget, stop_at,
                   log_callback)
@@ -396,6 +406,8 @@ def solve_milp(
     cost += sum(weights[r] * ((r in runs) - 1) for r in st.skippable)
     cost += sum(round(st.step_delta[c, k] * TIME_SCALE) for c, k in enumerate(variants))
     slots = dict(recompute)
+    cost += sum(weights[r] for r, c, k in st.dropped_skippable
+                if variants[c] == k and r not in runs and r not in slots)
     for a, deltas in st.redo_delta.items():
         cost += sum(round(d * TIME_SCALE) for c, k, d in deltas if a in slots and variants[c] == k)
     # The objective charges a skippable op's run alone; its constant ``- weight`` is here.

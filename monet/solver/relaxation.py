@@ -127,12 +127,18 @@ class Relaxation:
         # in the forward for a kept value (run ≥ keep): seconds·(redo + run) less its
         # seconds, as every real schedule recomputes it or runs it in the forward.
         self.offset = 0.0
+        run = {}
         for r, seconds in st.skippable.items():
             self.cost[redo[r]] = seconds
-            run = self._column(seconds)
+            run[r] = self._column(seconds)
             self.offset -= seconds
             for s in st.forced_by[r]:
-                self.logic.append(([(run, 1.0), (keep[s], -1.0)], 0.0, math.inf))
+                self.logic.append(([(run[r], 1.0), (keep[s], -1.0)], 0.0, math.inf))
+        for r, c, k in st.dropped_skippable:
+            # unrun ≥ pick - run - redo (Structure.dropped_skippable).
+            unrun = self._column(st.skippable[r])
+            self.logic.append(([(unrun, 1.0), (pick[c, k], -1.0), (run[r], 1.0),
+                                (redo[r], 1.0)], 0.0, math.inf))
         for a, picks in st.no_redo.items():
             for c, k in picks:
                 self.logic.append(([(redo[a], 1.0), (pick[c, k], 1.0)], -math.inf, 1.0))
