@@ -391,20 +391,22 @@ def test_pointwise_backwards_write_over_dying_gradients(name, monkeypatch):
     assert len(report.in_place) == len(analysed.in_place) and "in place" in str(report)
 
 
-def _revvit():
+def _revvit(batch: int = 2, image_size: int = 32):
     from monet.models import registry
 
     torch.manual_seed(0)
-    model = registry.create("revvit_tiny_test")
-    x = registry.example_inputs("revvit_tiny_test")[0].requires_grad_()
+    model = registry.create("revvit_tiny_test", image_size=image_size)
+    x = torch.randn(batch, 3, image_size, image_size, requires_grad=True)
     return model, copy.deepcopy(model), x
 
 
-def test_reversible_keep_reads_the_forward_and_matches_the_reversible_step(tmp_path):
+@pytest.mark.parametrize("batch,image_size", [(2, 32), (1, 40)])  # 16 and 25 tokens
+def test_reversible_keep_reads_the_forward_and_matches_the_reversible_step(
+        tmp_path, batch, image_size):
     """``reversible.keep`` on a RevViT's reversible capture: the backward reads the
     forward's activations, the rebuild (F and G run again per block) holds nothing and
     adds no time, and the step equals eager's reversible one up to float rounding."""
-    model, reference, x = _revvit()
+    model, reference, x = _revvit(batch, image_size)
     problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5).last_plan.problem
     (site,) = [c for c in problem.choices if c.name == "reversible"]
     assert [a.name for a in site.alternatives] == ["default", "reversible.keep"]
@@ -416,7 +418,7 @@ def test_reversible_keep_reads_the_forward_and_matches_the_reversible_step(tmp_p
     path = tmp_path / "keep.json"
     kept.save(path)
 
-    model, reference, x = _revvit()
+    model, reference, x = _revvit(batch, image_size)
     optimized = monet.optimize(model, kept.predicted_peak, (x,), schedule=str(path),
                                timing_repeats=0)
     report = optimized.report()
