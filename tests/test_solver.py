@@ -738,3 +738,38 @@ def test_least_peak_schedule_counts_its_variants_seconds(seed):
     expected = recompute_seconds(structure, build_program(problem, least), least.recompute)
     expected += variant_seconds(problem, least.variants)
     assert least.predicted_overhead == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(("seed", "nodes", "random"), [
+    (96, 5, 0.1), (108, 5, 0.1), (115, 6, 0.1), (303, 7, 0.1)])
+def test_a_skippable_op_an_alternative_leaves_unrun_is_charged_as_simulated(seed, nodes, random):
+    """Problems where an alternative drops or stops reading an op only the backward
+    reads: the op then runs not at all, or twice where a variant changes its time. The
+    exact models' objective for their own answer is the simulator's cost, and the
+    relaxation's bounds stay at or below brute force."""
+    from monet.solver import _finish
+    from monet.solver.ilp import solve_cpsat
+    from monet.solver.milp import solve_milp
+    from monet.solver.relaxation import Relaxation
+
+    problem = with_random_choices(
+        random_problem(nodes, seed=seed, workspace_probability=0.3, random_probability=random),
+        seed=seed, count=3)
+    assert analyse(problem).skippable
+    high = keep_all(problem).predicted_peak
+    low = minimum_budget(problem, time_limit=2)[0].budget
+    relaxations = Relaxation(problem), Relaxation(problem, kept_for_variants=False)
+    for budget in sorted({high, (high + low) // 2, low}):
+        expected = brute_force_with_variants(problem, budget)
+        if expected is None:
+            continue
+        for relaxation in relaxations:
+            assert relaxation.solve(budget, integral=False).bound <= expected + 1e-12
+            assert relaxation.solve(budget).bound <= expected + 1e-12
+        for exact in (solve_cpsat, solve_milp):
+            found = exact(problem, budget, 5)
+            assert found.status in ("optimal", "feasible")
+            simulated = _finish(problem, found.kept, found.recompute, budget, found.status,
+                                "x", variants=found.variants)
+            assert found.objective == pytest.approx(simulated.predicted_overhead, abs=1e-8)
+            assert found.objective >= expected - 1e-8

@@ -465,11 +465,48 @@ def test_value_numbers_see_through_a_reversible_coupling():
     not_a = graph.call_function(aten.sub.Tensor, (y, f_other))
     noise = [graph.call_function(aten.bernoulli.p, (a, 0.5)) for _ in range(2)]
     graph.output((a_again, not_a, *noise))
-    number, first = value_numbers(graph)
+    number, first, coupled = value_numbers(graph)
     assert number[a_again] == number[a] and first[number[a_again]] is a
+    assert coupled == {a_again}
     assert number[f_again] == number[f] and number[b_again] == number[b]
     assert number[not_a] not in (number[a], number[b])
     assert number[noise[0]] != number[noise[1]]  # random draws are never one value
+
+
+def _graph_with_values(build):
+    """A graph traced by ``make_fx`` from ``build`` (fake tensors in its nodes' meta)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(build, tracing_mode="fake")
+
+
+def test_value_numbers_keep_apart_what_only_looks_alike():
+    """The coupling rule needs the rebuilt value laid out as the original (no broadcast,
+    no type promotion); uninitialised allocations and a value read after it is mutated
+    are never equal to another."""
+    from monet.operators.reversible import value_numbers
+
+    def build(a, wide, x, h):
+        y = a + wide            # [1, 8] + [4, 8] broadcasts to [4, 8]
+        back = y - wide         # [4, 8]: not ``a``
+        z = h + x               # float16 + float32 promotes to float32
+        h_back = z - x          # float32: not ``h``
+        spare = (torch.empty_like(x), torch.empty_like(x))
+        before = x * 2
+        x.add_(1)
+        after = x * 2           # reads x after its mutation
+        return back, h_back, spare, before, after
+
+    module = _graph_with_values(build)(torch.randn(1, 8), torch.randn(4, 8), torch.randn(4, 8),
+                                       torch.randn(4, 8, dtype=torch.float16))
+    number, _, coupled = value_numbers(module.graph)
+    nodes = {n.name: n for n in module.graph.nodes}
+    outputs = module.graph.output_node().args[0]
+    back, h_back, (empty_1, empty_2), before, after = outputs
+    a, h = nodes["a_1"], nodes["h_1"]
+    assert number[back] != number[a] and number[h_back] != number[h] and not coupled
+    assert number[empty_1] != number[empty_2]
+    assert number[before] != number[after]
 
 
 def test_a_dropped_rebuild_is_charged_once():

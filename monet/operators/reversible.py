@@ -13,8 +13,8 @@ at its twin: the backward then reads the forward's activations (kept or
 recomputed, as the solver decides, as for any model) and the rebuild runs no
 more (its nodes hold empty tensors: the problem's ``drops``). The captured
 graph, ``default``, is the reversible step itself. Results differ from the
-captured step's by float rounding only: ``Y2 - G(Y1)`` rounds to ``X2`` give
-or take an ulp.
+captured step's by float rounding only: ``Y2 - G(Y1)`` rounds at the magnitude of
+``Y2`` and ``G(Y1)``, so the rebuilt ``X2`` carries that error (the kept one none).
 
 One choice covers the whole graph: the rebuild of a block starts from the
 rebuilt outputs of the block above, so a mix of rebuilt and kept blocks would
@@ -41,23 +41,42 @@ _IDENTITIES = {aten.detach.default, aten.alias.default, aten.lift_fresh.default}
 """Ops whose value is their input's (``requires_grad_`` on a detached leaf traces to them)."""
 
 
-def value_numbers(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[int, fx.Node]]:
-    """A number per node, equal for nodes that compute the same value, and the first node
-    (in graph order) of each number.
+def _layout(node: fx.Node) -> object:
+    """Shape, strides, dtype and device of each tensor ``node`` holds."""
+    return [(tuple(t.shape), t.stride(), t.dtype, t.device)
+            for t in tensors_in(node.meta.get("val"))]
+
+
+def _fresh_target(node: fx.Node) -> bool:
+    """Never equal to another call: random, mutating or not an aten op, or allocating
+    uninitialised memory (``empty_like``: two are not one value)."""
+    return (is_random(node) or has_side_effects(node)
+            or "empty" in getattr(node.target, "__name__", ""))
+
+
+def value_numbers(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[int, fx.Node], set[fx.Node]]:
+    """A number per node, equal for nodes that compute the same value; the first node
+    (in graph order) of each number; and the nodes numbered through the coupling rule.
 
     Two calls number alike when they have the same target, constants and argument
     numbers; identities take their input's number; ``sub(add(a, b), c)`` takes ``a``'s
-    number when ``c`` numbers as ``b`` (and ``b``'s when ``c`` numbers as ``a``). Random
-    ops, ops that mutate and calls that are not aten ops are never equal to another.
+    number when ``c`` numbers as ``b`` (and ``b``'s when ``c`` numbers as ``a``) and the
+    result is laid out as ``a`` (no broadcast, no type promotion). Random ops, ops that
+    mutate, calls that are not aten ops and uninitialised allocations are never equal to
+    another; a value an op mutates takes a new number for its later readers; tensor
+    constants are equal only to themselves.
     """
     number: dict[fx.Node, int] = {}
     first: dict[int, fx.Node] = {}
     table: dict[Any, int] = {}
     sums: dict[int, tuple[int, int]] = {}
+    coupled: set[fx.Node] = set()
 
     def key(value: object) -> object:
         if isinstance(value, fx.Node):
             return ("%", number[value])
+        if isinstance(value, torch.Tensor):
+            return ("tensor", id(value))
         if isinstance(value, (list, tuple)):
             return (type(value).__name__, *map(key, value))
         if isinstance(value, dict):
@@ -70,8 +89,13 @@ def value_numbers(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[int, fx.Nod
         return numbered
 
     for node in graph.nodes:
-        if node.op != "call_function" or is_random(node) or has_side_effects(node):
+        if node.op != "call_function" or _fresh_target(node):
             number[node] = fresh(node)
+            schema = getattr(node.target, "_schema", None)
+            for argument, value in zip(schema.arguments if schema else (), node.args):
+                if (argument.alias_info is not None and argument.alias_info.is_write
+                        and isinstance(value, fx.Node)):
+                    number[value] = fresh(value)  # later readers see the mutated value
             continue
         if node.target in _IDENTITIES:
             number[node] = number[node.args[0]]
@@ -81,8 +105,11 @@ def value_numbers(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[int, fx.Nod
             parts = sums.get(number[node.args[0]])
             taken = number[node.args[1]]
             if parts is not None and taken in parts:
-                number[node] = parts[1] if parts[0] == taken else parts[0]
-                continue
+                kept = parts[1] if parts[0] == taken else parts[0]
+                if _layout(first[kept]) == _layout(node):
+                    number[node] = kept
+                    coupled.add(node)
+                    continue
         signature = (node.target, key(node.args), key(node.kwargs))
         if signature not in table:
             table[signature] = fresh(node)
@@ -90,7 +117,7 @@ def value_numbers(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[int, fx.Nod
                     isinstance(a, fx.Node) for a in node.args[:2]):
                 sums[table[signature]] = (number[node.args[0]], number[node.args[1]])
         number[node] = table[signature]
-    return number, first
+    return number, first, coupled
 
 
 @dataclass(frozen=True)
@@ -153,10 +180,15 @@ def _regions(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
 
 
 def _rebuilds(graph: fx.Graph, number: dict[fx.Node, int], first: dict[int, fx.Node],
-              forward: set[fx.Node], needed: set[fx.Node]) -> bool:
-    """Whether some forward node no output needs is a block input rebuilt from its outputs."""
-    return any(n.target is aten.sub.Tensor and first[number[n]] is not n
-               for n in forward - needed)
+              coupled: set[fx.Node], forward: set[fx.Node], needed: set[fx.Node]) -> bool:
+    """Whether a block input is rebuilt from its outputs (a forward node no output needs,
+    numbered through the coupling rule) and a backward node reads the rebuild."""
+    unneeded = forward - needed
+    if not coupled & unneeded:
+        return False
+    rebuilt = {n for n in unneeded if first[number[n]] is not n}
+    return any(n not in forward and set(n.all_input_nodes) & rebuilt
+               for n in graph.nodes if n.op == "call_function")
 
 
 def _fake_value(node: fx.Node) -> object:
@@ -176,11 +208,13 @@ def expose_twins(module: fx.GraphModule) -> int:
     (nothing read them), and the backward reads the rebuild's. The twin views the
     forward's value; nothing reads it in the captured step. Returns how many were added."""
     graph = module.graph
-    number, first = value_numbers(graph)
+    number, first, coupled = value_numbers(graph)
     forward, needed = _regions(graph)
-    if not _rebuilds(graph, number, first, forward, needed):
+    if not _rebuilds(graph, number, first, coupled, forward, needed):
         return 0
     position = {n: k for k, n in enumerate(graph.nodes)}
+    last_placeholder = max((n for n in graph.nodes if n.op == "placeholder"),
+                           key=position.__getitem__, default=None)
     added = 0
     for node in list(graph.nodes):
         if node not in forward or node in needed or first[number[node]] is not node:
@@ -190,6 +224,8 @@ def expose_twins(module: fx.GraphModule) -> int:
             continue
         twins = {m: first[number[m]] for m in inputs}
         anchor = max(twins.values(), key=position.__getitem__)
+        if anchor.op == "placeholder":
+            anchor = last_placeholder  # calls come after every placeholder
         with graph.inserting_after(anchor):
             copy = graph.node_copy(node, twins.__getitem__)
         copy.meta = {**node.meta, "val": _fake_value(copy)}
@@ -217,9 +253,9 @@ def reversible_sites(order: list[fx.Node], forward: set[fx.Node]) -> list[Site]:
     if not any(n.target is aten.sub.Tensor for n in calls):
         return []
     graph = calls[0].graph
-    number, first = value_numbers(graph)
+    number, first, coupled = value_numbers(graph)
     _, needed = _regions(graph)
-    if not _rebuilds(graph, number, first, forward, needed):
+    if not _rebuilds(graph, number, first, coupled, forward, needed):
         return []
     rebuilt = [n for n in calls if n in forward and n not in needed and first[number[n]] is not n]
     rebuilt_set = set(rebuilt)

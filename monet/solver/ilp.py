@@ -91,12 +91,11 @@ class Structure:
     formula's factor of forward values) → its seconds. Eager's step runs it once, in
     the backward; the program runs it in the forward only where a kept value needs
     it. Its ``cost`` is 0: recomputed, it adds nothing unless the forward runs it
-    too, which :func:`monet.solver.heuristic.recompute_seconds` charges."""
-    dropped_skippable: list[tuple[int, int, int]] = field(default_factory=list)
-    """(skippable op, choice, alternative): the alternative drops the op's values. Every
-    schedule runs a skippable op at least once but under such an alternative, which may
-    run it not at all: its step delta has the change of its nodes' time already, so the
-    models charge it ``max(0, run + redo - 1)`` there, not ``run + redo - 1``."""
+    too, which :func:`monet.solver.heuristic.recompute_seconds` charges. An
+    alternative may leave it unread (``reversible.keep``'s rebuild): it then runs not
+    at all, saving nothing beyond the alternative's step delta, so the models charge
+    ``max(0, run + redo - 1)`` of its seconds, never less than 0; and a variant's change
+    of its time (``redo_delta``) only where it runs twice."""
     forced_by: dict[int, list[int]] = field(default_factory=dict)
     """Forward node the program runs only where a kept value needs it (a skippable op,
     any node no output needs but a deferred view) → the decision storages whose
@@ -265,8 +264,6 @@ def analyse(problem: Problem) -> Structure:
             for k, alternative in enumerate(choice.alternatives):
                 for a in sorted(unrecomputed_ops(problem, alternative) & recomputable):
                     structure.no_redo.setdefault(a, []).append((c, k))
-                for r in sorted({owner[s] for s in alternative.drops} & skippable.keys()):
-                    structure.dropped_skippable.append((r, c, k))
     return structure
 
 
@@ -697,18 +694,19 @@ def solve_cpsat(
         weights = redo_weights(st)
         terms = [weights[a] * redo[a] for a in st.ops]
         for r in st.skippable:
-            # Run once (kept from the forward, or recomputed) it adds nothing; twice, its time.
-            terms += [weights[r] * run[r], -weights[r]]
-        for r, c, k in st.dropped_skippable:
-            # z ≥ pick - run - redo: the skippable term's -weight, taken back where it
-            # would credit an op the alternative leaves unrun.
-            unrun = model.NewBoolVar(f"unrun{r}_{c}_{k}")
-            model.AddBoolOr([pick[c, k].Not(), run[r], redo[r], unrun])
-            terms.append(weights[r] * unrun)
+            # Run once (kept from the forward, or recomputed) it adds nothing; twice, its
+            # time; not at all (unread under an alternative), nothing: unrun ≥ 1 - run - redo.
+            unrun = model.NewBoolVar(f"unrun{r}")
+            model.AddBoolOr([run[r], redo[r], unrun])
+            terms += [weights[r] * run[r], weights[r] * unrun, -weights[r]]
         terms += [round(d * TIME_SCALE) * pick[ck] for ck, d in st.step_delta.items() if d]
         for a, deltas in st.redo_delta.items():
             for c, k, d in deltas:
-                terms.append(round(d * TIME_SCALE) * both(redo[a], pick[c, k], f"rd{a}_{k}"))
+                # A skippable op's second run alone runs the variant's time anew.
+                active = both(redo[a], pick[c, k], f"rd{a}_{k}")
+                if a in st.skippable:
+                    active = both(active, run[a], f"rdr{a}_{k}")
+                terms.append(round(d * TIME_SCALE) * active)
         model.Minimize(sum(terms))
     if hint is not None:
         kept_hint, redo_hint = set(hint[0]), dict(hint[1])

@@ -339,21 +339,24 @@ def solve_milp(
     for a, deltas in st.redo_delta.items():
         if a not in redo:
             continue
+        # A skippable op's second run alone runs the variant's time anew (∧ run).
+        factors = [redo[a], *([run[a]] if a in st.skippable else [])]
         for c, k, d in deltas:
             both = m.column(False)
             if d > 0:
-                m.row({both: 1.0, redo[a]: -1.0, pick[c, k]: -1.0}, lower=-1.0)
+                m.row({both: 1.0, pick[c, k]: -1.0, **{f: -1.0 for f in factors}},
+                      lower=-float(len(factors)))
             else:
-                m.row({both: 1.0, redo[a]: -1.0}, upper=0.0)
-                m.row({both: 1.0, pick[c, k]: -1.0}, upper=0.0)
+                for f in (*factors, pick[c, k]):
+                    m.row({both: 1.0, f: -1.0}, upper=0.0)
             variant_weights[both] = float(round(d * TIME_SCALE))
-    # unrun ≥ pick - run - redo where the picked alternative drops a skippable op's
-    # values (Structure.dropped_skippable).
+    # unrun ≥ 1 - run - redo: a skippable op an alternative leaves unread runs not at
+    # all, and saves nothing beyond that alternative's step delta.
     unrun: dict[int, int] = {}
-    for r, c, k in st.dropped_skippable:
+    for r in st.skippable:
         column = m.column(False)
-        m.row(_sum({column: 1.0, pick[c, k]: -1.0, run[r]: 1.0},
-                   {redo[r]: 1.0} if r in redo else None), lower=0.0)
+        m.row(_sum({column: 1.0, run[r]: 1.0}, {redo[r]: 1.0} if r in redo else None),
+              lower=1.0)
         unrun[column] = r
     # A skippable op adds its time when it runs twice: recomputed, and run in the
     # forward because a value kept from it or from its readers needs it (run ≥ keep).
@@ -406,10 +409,10 @@ def solve_milp(
     cost += sum(weights[r] * ((r in runs) - 1) for r in st.skippable)
     cost += sum(round(st.step_delta[c, k] * TIME_SCALE) for c, k in enumerate(variants))
     slots = dict(recompute)
-    cost += sum(weights[r] for r, c, k in st.dropped_skippable
-                if variants[c] == k and r not in runs and r not in slots)
+    cost += sum(weights[r] for r in st.skippable if r not in runs and r not in slots)
     for a, deltas in st.redo_delta.items():
-        cost += sum(round(d * TIME_SCALE) for c, k, d in deltas if a in slots and variants[c] == k)
+        twice = a in slots and (a not in st.skippable or a in runs)
+        cost += sum(round(d * TIME_SCALE) for c, k, d in deltas if twice and variants[c] == k)
     # The objective charges a skippable op's run alone; its constant ``- weight`` is here.
     offset = -sum(weights[r] for r in st.skippable)
     return Solution(kept, recompute, status, cost / TIME_SCALE,

@@ -113,32 +113,31 @@ class Relaxation:
         self.logic: list[tuple[list[tuple[int, float]], float, float]] = []
         for c, count in enumerate(st.alternatives):
             self.logic.append(([(pick[c, k], 1.0) for k in range(count)], 1.0, 1.0))
-        for a, deltas in st.redo_delta.items():
-            for c, k, seconds in deltas:
-                w = self._column(seconds)
-                # w = redo ∧ pick, exact either way the sign of ``seconds`` pushes it.
-                if seconds >= 0:
-                    self.logic.append(([(w, 1.0), (redo[a], -1.0), (pick[c, k], -1.0)],
-                                       -1.0, math.inf))
-                else:
-                    self.logic.append(([(w, 1.0), (redo[a], -1.0)], -math.inf, 0.0))
-                    self.logic.append(([(w, 1.0), (pick[c, k], -1.0)], -math.inf, 0.0))
         # A skippable op adds its seconds only when it runs twice: recomputed, and run
-        # in the forward for a kept value (run ≥ keep): seconds·(redo + run) less its
-        # seconds, as every real schedule recomputes it or runs it in the forward.
+        # in the forward for a kept value (run ≥ keep): seconds·(redo + run + unrun) less
+        # its seconds, unrun ≥ 1 - run - redo covering an alternative that leaves it unread.
         self.offset = 0.0
         run = {}
         for r, seconds in st.skippable.items():
             self.cost[redo[r]] = seconds
             run[r] = self._column(seconds)
+            unrun = self._column(seconds)
+            self.logic.append(([(unrun, 1.0), (run[r], 1.0), (redo[r], 1.0)], 1.0, math.inf))
             self.offset -= seconds
             for s in st.forced_by[r]:
                 self.logic.append(([(run[r], 1.0), (keep[s], -1.0)], 0.0, math.inf))
-        for r, c, k in st.dropped_skippable:
-            # unrun ≥ pick - run - redo (Structure.dropped_skippable).
-            unrun = self._column(st.skippable[r])
-            self.logic.append(([(unrun, 1.0), (pick[c, k], -1.0), (run[r], 1.0),
-                                (redo[r], 1.0)], 0.0, math.inf))
+        for a, deltas in st.redo_delta.items():
+            # w = redo ∧ pick (∧ run for a skippable op, whose second run alone runs the
+            # variant's time anew), exact either way the sign of ``seconds`` pushes it.
+            factors = [redo[a], *([run[a]] if a in st.skippable else [])]
+            for c, k, seconds in deltas:
+                w = self._column(seconds)
+                if seconds >= 0:
+                    self.logic.append(([(w, 1.0), *((f, -1.0) for f in factors),
+                                        (pick[c, k], -1.0)], -float(len(factors)), math.inf))
+                else:
+                    for f in (*factors, pick[c, k]):
+                        self.logic.append(([(w, 1.0), (f, -1.0)], -math.inf, 0.0))
         for a, picks in st.no_redo.items():
             for c, k in picks:
                 self.logic.append(([(redo[a], 1.0), (pick[c, k], 1.0)], -math.inf, 1.0))
