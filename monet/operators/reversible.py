@@ -161,14 +161,17 @@ def _is_view(node: fx.Node) -> bool:
         r.alias_info is not None for r in schema.returns)
 
 
-def _regions(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
-    """The joint graph's forward nodes (no tangent upstream) and those a forward output
-    needs."""
-    backward = {n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")}
-    for n in graph.nodes:
-        if any(m in backward for m in n.all_input_nodes):
-            backward.add(n)
-    forward = {n for n in graph.nodes if n.op == "call_function" and n not in backward}
+def _forward(graph: fx.Graph) -> set[fx.Node]:
+    """The joint graph's forward nodes (graph.py's split: no tangent upstream)."""
+    from monet.graph import _phases
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    tangents = [n for n in placeholders if n.name.startswith("tangents")]
+    return _phases(graph, [n for n in placeholders if n not in tangents], tangents)[0]
+
+
+def _needed(graph: fx.Graph, forward: set[fx.Node]) -> set[fx.Node]:
+    """The forward nodes a forward output needs."""
     needed: set[fx.Node] = set()
     stack = [n for n in graph.output_node().all_input_nodes if n in forward]
     while stack:
@@ -176,7 +179,12 @@ def _regions(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
         if node not in needed:
             needed.add(node)
             stack += [m for m in node.all_input_nodes if m in forward]
-    return forward, needed
+    return needed
+
+
+def _may_rebuild(nodes) -> bool:
+    """A rebuild subtracts: without an aten ``sub`` there is nothing to number."""
+    return any(n.target is aten.sub.Tensor for n in nodes)
 
 
 def _rebuilds(graph: fx.Graph, number: dict[fx.Node, int], first: dict[int, fx.Node],
@@ -208,8 +216,11 @@ def expose_twins(module: fx.GraphModule) -> int:
     (nothing read them), and the backward reads the rebuild's. The twin views the
     forward's value; nothing reads it in the captured step. Returns how many were added."""
     graph = module.graph
+    if not _may_rebuild(graph.nodes):
+        return 0
     number, first, coupled = value_numbers(graph)
-    forward, needed = _regions(graph)
+    forward = _forward(graph)
+    needed = _needed(graph, forward)
     if not _rebuilds(graph, number, first, coupled, forward, needed):
         return 0
     position = {n: k for k, n in enumerate(graph.nodes)}
@@ -250,11 +261,11 @@ def reversible_sites(order: list[fx.Node], forward: set[fx.Node]) -> list[Site]:
     :func:`expose_twins`) and a backward node reads the rebuild.
     """
     calls = [n for n in order if n.op == "call_function"]
-    if not any(n.target is aten.sub.Tensor for n in calls):
+    if not _may_rebuild(calls):
         return []
     graph = calls[0].graph
     number, first, coupled = value_numbers(graph)
-    _, needed = _regions(graph)
+    needed = _needed(graph, forward)
     if not _rebuilds(graph, number, first, coupled, forward, needed):
         return []
     rebuilt = [n for n in calls if n in forward and n not in needed and first[number[n]] is not n]
