@@ -97,7 +97,11 @@ def _rows(problem: Problem, label: str, budgets: list[float], backends: list[str
                 try:
                     schedule = _solve(problem, mode, budget, backend, time_limit)
                 except InfeasibleBudgetError as error:
-                    row.update(status=f"infeasible (min {error.minimum / peak:.2f})")
+                    # Proven (no schedule below the bound) or only not found in time.
+                    least = f"least found {error.minimum / peak:.2f}"
+                    below = f"none below {(error.lower_bound or 0) / peak:.2f}"
+                    row.update(status=f"infeasible ({below}; {least})" if error.proven
+                               else f"none found ({least}; {below})")
                 else:
                     row.update(
                         status=schedule.status,
@@ -176,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         "(added − bound) / (added − floor). `step gap %` is the same difference over the "
         "whole step's predicted time (the captured step's profiled node times plus the "
         "added time): the relative gap a MIP solver reports when the objective is the "
-        "step's time, as in Checkmate and MONeT.\n\n"
+        "step's time, as in Checkmate and MONeT. A budget no schedule was found within "
+        "is `infeasible` where that is proven (`none below`: the knapsack's or the "
+        "relaxation's bound on any schedule's peak, or the least-peak search's optimum) "
+        "and `none found` where the search ran out of time; both give the least peak "
+        "found, as fractions of keep-everything's peak.\n\n"
         + (f"{args.note}\n\n" if args.note else "")
     )
     table = table.astype(object).where(table.notna(), "")

@@ -91,6 +91,28 @@ def test_joint_variant_optimum_equals_brute_force(seed, backend):
         solve(problem, low - 1, time_limit=5, backend=backend)
 
 
+def test_the_relaxation_bounds_the_least_peak():
+    """The relaxation's LP, bisected on the budget, never passes the least peak brute
+    force allows, never falls below the knapsack's bound, and is above it on 5 of these
+    12 problems; ``minimum_budget`` returns it."""
+    from monet.solver.relaxation import budget_bound
+
+    raised = 0
+    for seed in range(6):
+        for choices in (False, True):
+            problem = random_problem(5, seed=seed, workspace_probability=0.3)
+            if choices:
+                problem = with_random_choices(problem, seed=seed)
+            least, lower = minimum_budget(problem, time_limit=2)
+            force = brute_force_with_variants if choices else brute_force
+            assert force(problem, least.budget - 1) is None  # the least peak
+            bound, knapsack = budget_bound(problem, 2.0), budget_lower_bound(problem)
+            assert knapsack <= bound <= least.budget
+            assert bound <= lower <= least.budget
+            raised += bound > knapsack
+    assert raised >= 5
+
+
 @pytest.mark.parametrize("backend", ["cpsat", "milp"])
 @pytest.mark.parametrize("seed", range(4))
 def test_an_in_place_alternative_is_modelled_exactly(seed, backend):

@@ -35,6 +35,7 @@ graphs, where CP-SAT's own bound of the interval program stays near zero.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,34 @@ def solve_relaxation(
 ) -> Relaxed:
     """The relaxation of the module docstring, solved by HiGHS within ``time_limit``."""
     return Relaxation(problem).solve(budget, integral, time_limit)
+
+
+def budget_bound(problem: Problem, time_limit: float = 1.0, tolerance: float = 0.002) -> int:
+    """Bytes below which no schedule fits: the least budget the relaxation's LP admits,
+    bisected to ``tolerance`` of it within ``time_limit`` (at least
+    :func:`monet.solver.bound.budget_lower_bound`, whose knapsack leaves out what the
+    LP counts: a storage is live from its first backward reader to its last, whether
+    kept or recomputed). Where the program's peaks are not the simulator's
+    (``Structure.exact``) the relaxation's infeasibility proves nothing: the knapsack's
+    bound is returned."""
+    from monet.solver.bound import budget_lower_bound
+
+    deadline = time.perf_counter() + time_limit
+    low = budget_lower_bound(problem)
+    if not analyse(problem).exact or time_limit <= 0:
+        return low
+    model = Relaxation(problem)
+    high = int((model.level + model.load).max())  # every term fits: admitted
+    while high - low > tolerance * high:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        middle = (low + high) // 2
+        if model.solve(middle, integral=False, time_limit=left).bound == math.inf:
+            low = middle + 1
+        else:
+            high = middle  # admitted, or not settled in time: no proof either way
+    return low
 
 
 WHOLE = 1e-6
