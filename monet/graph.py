@@ -85,12 +85,15 @@ def analyse(
 
     With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's
     backward) are first fused into one node each, in ``joint`` itself; that node
-    runs the captured ops, so the default step is unchanged.
+    runs the captured ops, so the default step is unchanged; and a max-pool's
+    backward reads no pool input (:mod:`monet.operators.pooling`), bit for bit the same.
     """
     if variants:
         from monet.operators.mlp import fuse_mlp_backwards
+        from monet.operators.pooling import pool_backwards_from_indices
         from monet.operators.reversible import expose_twins
 
+        pool_backwards_from_indices(joint.module)
         fuse_mlp_backwards(joint.module)
         expose_twins(joint.module)
     graph = joint.module.graph

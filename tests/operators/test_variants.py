@@ -358,3 +358,50 @@ def test_pointwise_backward_written_in_place(op):
         largest = max((e.nbytes() for e in prof.profiler.kineto_results.events()
                        if e.name() == "[memory]"), default=0)
         assert largest < a.numel() * a.element_size()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 9, 11), (2, 5, 8, 8), (4, 1, 7, 5)])
+@pytest.mark.parametrize("window", [(2, 2, 0, 1, False), (3, 2, 1, 1, False),
+                                    (3, 1, 1, 1, False), (2, 2, 0, 1, True), (3, 2, 1, 2, False)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_backward_from_indices(shape, window, channels_last):
+    """Without the pool's input (an uninitialised stand-in of its shape and format), the
+    captured backward's result bit for bit and laid out as it, overlapping windows
+    (several gradients summed into one input) included."""
+    from torch._prims_common import suggest_memory_format
+
+    from monet.operators.pooling import max_pool_backward_from_indices
+
+    kernel, stride, padding, dilation, ceil_mode = window
+    generator = torch.Generator().manual_seed(sum(shape) + kernel)
+    x = torch.randn(shape, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    sizes = ([kernel] * 2, [stride] * 2, [padding] * 2, [dilation] * 2, ceil_mode)
+    out, indices = aten.max_pool2d_with_indices(x, *sizes)
+    grad = torch.randn(out.shape, generator=generator)
+    expected = aten.max_pool2d_with_indices_backward(grad, x, *sizes, indices)
+    like = (tuple(x.shape), x.dtype, x.device, suggest_memory_format(x))
+    actual = max_pool_backward_from_indices(grad, like, *sizes, indices)
+    assert torch.equal(actual, expected)
+    assert actual.stride() == expected.stride()
+
+
+def test_a_captured_max_pool_backward_reads_no_pool_input():
+    """With variants, the joint graph's max-pool backward reads the gradient and the
+    indices only: the pool's input is free after its last other reader."""
+    from torch import nn
+
+    import monet
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    for variants in (True, False):
+        problem = monet.optimize(model, 1.0, (x,), measure=False,
+                                 variants=variants).last_plan.problem
+        pool = next(i for i, n in enumerate(problem.nodes) if n.op.startswith("aten.max_pool2d"))
+        pool_input = problem.nodes[pool].inputs[0]
+        backward = [n for n in problem.nodes if "max_pool" in n.op and n.phase == "backward"]
+        assert len(backward) == 1
+        assert (pool_input in backward[0].inputs) is not variants
