@@ -14,6 +14,7 @@ from torch import nn
 
 from monet.capture import flat_tensors, preserved_state
 from monet.config import Config
+from monet.operators.pooling import max_pool_backward_from_indices
 from monet.runtime import MonetModule, Plan, backward_step, signature
 from monet.solver.schedule import format_bytes
 
@@ -95,6 +96,9 @@ class Report:
     in_place: tuple[str, ...] = ()
     """Backward pointwise ops that write over a gradient dying with them (with variants on,
     every schedule runs them so; bit for bit the captured ops)."""
+    pool_from_indices: tuple[str, ...] = ()
+    """Max-pool backwards that read the indices and not the pool's input (with variants on;
+    bit for bit the captured ops)."""
 
     @property
     def overhead(self) -> float | None:
@@ -150,6 +154,9 @@ class Report:
         if self.in_place:
             lines.append(f"  in place          {len(self.in_place)} backward ops write over a "
                          "gradient that dies with them")
+        if self.pool_from_indices:
+            lines.append(f"  pool backward     {len(self.pool_from_indices)} max-pool backwards read "
+                         "their indices, not the pool's input")
         return "\n".join(lines)
 
 
@@ -235,6 +242,9 @@ class OptimizedModule(MonetModule):
                 if picked and choice.alternatives[picked].lossy
             ),
             in_place=plan.in_place,
+            pool_from_indices=tuple(
+                n.name for n in plan.problem.nodes if n.op == max_pool_backward_from_indices.__name__
+            ),
         )
 
 

@@ -405,3 +405,7 @@ def test_a_captured_max_pool_backward_reads_no_pool_input():
         backward = [n for n in problem.nodes if "max_pool" in n.op and n.phase == "backward"]
         assert len(backward) == 1
         assert (pool_input in backward[0].inputs) is not variants
+    optimized = monet.optimize(model, 1.0, (x,), measure=False)
+    optimized(x).sum().backward()
+    assert len(optimized.report().pool_from_indices) == 1
+    assert "1 max-pool backwards read their indices" in str(optimized.report())
