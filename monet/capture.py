@@ -124,23 +124,89 @@ def compile_step(
     return CompiledStep(call, positions, leaves, spec, names)
 
 
+# Dropout's draw, replayable: ``monet::rng_state`` reads the generator's state just
+# before it (tagged seeded, so never recomputed: a copy is kept, 5,056 bytes on CPU, 16 on
+# CUDA), and ``monet::replayed_bernoulli`` draws from it.
+_LIBRARY = torch.library.Library("monet", "DEF")
+_LIBRARY.define("rng_state(Device device) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
+_LIBRARY.define("replayed_bernoulli(Tensor like, float p, Tensor state) -> Tensor")
+
+
+def _generator_state(device: torch.device) -> torch.Tensor:
+    return torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
+
+
+def _set_generator_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.cuda.set_rng_state(state, device)
+
+
+def _replayed_bernoulli(like: torch.Tensor, p: float, state: torch.Tensor) -> torch.Tensor:
+    """``bernoulli(like, p)`` drawn from the generator at ``state``. In the forward the
+    generator is at ``state`` (read just before): the draw eager makes, advancing it. A
+    recomputation finds it further on (that draw advanced it): it draws from ``state``
+    again and puts the generator back, so later draws are eager's."""
+    current = _generator_state(like.device)
+    if torch.equal(current, state):
+        return torch.ops.aten.bernoulli.p(like, p)
+    _set_generator_state(like.device, state)
+    try:
+        return torch.ops.aten.bernoulli.p(like, p)
+    finally:
+        _set_generator_state(like.device, current)
+
+
+def _fake_state(device: torch.device) -> torch.Tensor:
+    return torch.empty(5056 if device.type == "cpu" else 16, dtype=torch.uint8)
+
+
+_LIBRARY.impl("rng_state", _generator_state, "CompositeExplicitAutograd")
+_LIBRARY.impl("replayed_bernoulli", _replayed_bernoulli, "CompositeExplicitAutograd")
+torch.library.register_fake("monet::rng_state", _fake_state, lib=_LIBRARY)
+torch.library.register_fake("monet::replayed_bernoulli",
+                            lambda like, p, state: torch.empty_like(like), lib=_LIBRARY)
+
+
+def _empty_like_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The strides ``torch.empty_like(tensor)`` gives (preserve_format)."""
+    from torch._prims_common import (
+        is_non_overlapping_and_dense_or_false,
+        make_channels_last_strides_for,
+        make_contiguous_strides_for,
+        suggest_memory_format,
+    )
+
+    if is_non_overlapping_and_dense_or_false(tensor):
+        return tuple(tensor.stride())
+    if suggest_memory_format(tensor) == torch.channels_last:
+        return tuple(make_channels_last_strides_for(tensor.shape))
+    return tuple(make_contiguous_strides_for(tensor.shape))
+
+
 def dropout_decomposition(
     input: torch.Tensor, p: float, train: bool | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``aten.native_dropout`` as its random mask and a multiply, bit for bit as eager.
 
     As one op, dropout's output could never be recomputed (it is random), so
-    every dropout output had to be kept. Split, only the random draw is
-    unrecomputable: its boolean mask (a byte per element) is kept and the
-    output is recomputed from the input. The draw is the same ``bernoulli_``
-    on a tensor like the input that eager makes, so the random stream and the
+    every dropout output had to be kept. Split, the output is recomputed from
+    the input and the mask; and the mask is drawn by ``monet::replayed_bernoulli``
+    from the generator's state read just before (``monet::rng_state``), so it may
+    be recomputed too, from that state, as ``torch.utils.checkpoint`` replays a
+    block's random numbers. The draw is the same ``bernoulli_`` eager makes, on a
+    tensor laid out as ``empty_like(input)`` but made from the shape alone (no read
+    of the input for the recomputation to wait on), so the random stream and the
     result are identical.
     """
     if not train:
         return input.clone(), torch.ones_like(input, dtype=torch.bool)
     keep = 1.0 - p
-    # The functional form of eager's empty_like(input).bernoulli_(keep): same draw.
-    mask = torch.ops.aten.bernoulli.p(torch.empty_like(input), keep).to(torch.bool)
+    strides = _empty_like_strides(input)
+    like = torch.empty_strided(input.shape, strides, dtype=input.dtype, device=input.device)
+    state = torch.ops.monet.rng_state(input.device)
+    mask = torch.ops.monet.replayed_bernoulli(like, keep, state).to(torch.bool)
     scale = 0.0 if keep == 0 else 1.0 / keep  # eager's scale, so -0.0 and NaN match too
     return input * mask * scale, mask
 

@@ -96,18 +96,23 @@ class _Attention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_attention_without_dropout_may_be_recomputed(dropout):
+def test_attention_and_its_dropout_may_be_recomputed(dropout):
     """Attention kernels carry the seeded tag for their optional dropout: only with
-    dropout do they draw random numbers, and only then must their output be kept."""
+    dropout do they draw random numbers. Without, the kernel may be recomputed; with
+    (on CPU the math path, its dropout decomposed), the generator's state read before
+    the draw is kept and the draw replayed from it."""
     from monet.capture import capture
     from monet.graph import analyse
 
     joint = capture(_Attention(dropout), torch.randn(2, 5, 8, requires_grad=True))
     problem = analyse(joint, variants=False).problem
-    seeded = [n for n in problem.nodes if n.phase == "forward"
-              and ("scaled_dot_product" in n.op or "bernoulli" in n.op)]
-    assert seeded
-    assert all(n.recomputable == (dropout == 0.0) for n in seeded)
+    forward = [n for n in problem.nodes if n.phase == "forward"]
+    kernels = [n for n in forward if "scaled_dot_product" in n.op]
+    draws = [n for n in forward if "bernoulli" in n.op]
+    states = [n for n in forward if n.op == "monet.rng_state.default"]
+    assert all(n.recomputable for n in kernels + draws)
+    assert not any(n.recomputable for n in states)
+    assert (len(kernels), len(draws), len(states)) == ((1, 0, 0) if dropout == 0.0 else (0, 1, 1))
 
 
 def test_recomputed_attention_matches_eager(tmp_path):
