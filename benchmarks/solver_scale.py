@@ -203,10 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         "found. `of`: what the budget is a fraction of, the larger of eager's measured "
         "peak (`eager`: `monet profile --budget 1.0` stores it as the problem's budget) "
         "and the keep-everything schedule's predicted peak (`keep-all`: the random graphs, "
-        "and the zoo's models but the ViT demo, whose eager peaks are below it; the "
-        "reversible RevViT's eager step rebuilds its activations and peaks at 0.41 of "
-        "it). Where eager's is larger (the ViT demo: 1.18x), `peak / keep-all` is the "
-        "stricter view. "
+        "and a zoo model whose eager peak is below it, as the reversible RevViT's, whose "
+        "eager step rebuilds its activations). Where eager's is larger, `peak / keep-all` "
+        "is the stricter view. "
         "Infeasibility's fractions are of the budget's base.\n\n"
         + (f"{args.note}\n\n" if args.note else "")
     )
