@@ -48,13 +48,15 @@ def zoo_problem(name: str, directory: Path, refresh: bool = False) -> Problem:
     1.0 means to ``monet.optimize``: eager's measured peak, or keep-everything's where
     that is larger. A file without one is profiled again."""
     path = directory / f"{name}.json"
-    if refresh or not path.exists() or Problem.load(path).budget is None:
+    problem = None if refresh or not path.exists() else Problem.load(path)
+    if problem is None or problem.budget is None:
         from monet.cli import main
 
         with contextlib.redirect_stdout(sys.stderr):
             if main(["profile", name, "--budget", "1.0", "-o", str(path)]) != 0:
                 raise SystemExit(f"monet profile {name} failed")
-    return Problem.load(path)
+        problem = Problem.load(path)
+    return problem
 
 
 def _solve(problem: Problem, mode: str, budget: int, backend: str,

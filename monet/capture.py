@@ -159,7 +159,9 @@ def _replayed_bernoulli(like: torch.Tensor, p: float, state: torch.Tensor) -> to
 
 
 def _fake_state(device: torch.device) -> torch.Tensor:
-    return torch.empty(5056 if device.type == "cpu" else 16, dtype=torch.uint8)
+    # CUDA's Philox state is a seed and an offset; the CPU's, the Mersenne twister's.
+    size = torch.default_generator.get_state().numel() if device.type == "cpu" else 16
+    return torch.empty(size, dtype=torch.uint8)
 
 
 _LIBRARY.impl("rng_state", _generator_state, "CompositeExplicitAutograd")
