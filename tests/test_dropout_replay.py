@@ -31,7 +31,8 @@ def test_a_replayed_draw_is_the_first_and_leaves_the_generator_where_it_was():
 
 def test_masks_recomputed_at_the_least_peak_give_eager_s_step_and_random_stream():
     """A ViT with dropout at its least peak recomputes most masks from the saved states
-    (13 states of 5 KB kept instead of the masks): outputs and gradients are eager's, and so are the random numbers drawn after the step, step after step."""
+    (13 states of 5 KB kept instead of the masks): outputs and gradients are eager's,
+    and so are the random numbers drawn after the step, step after step."""
     torch.manual_seed(0)
     model = small_vit().train()
     x = torch.randn(16, 3, 32, 32)
