@@ -70,7 +70,7 @@ import monet  # imported after the path fix, so that a plain checkout runs
 import monet.models
 from monet.capture import flat_tensors
 from monet.cli import markdown_table, shapes
-from monet.measure import compare_step_times, measure_peak_memory
+from monet.measure import compare_step_times, measure_peak_memory, median_interval
 from monet.models.revvit import RevViT
 from monet.runtime import backward_step
 
@@ -672,8 +672,10 @@ def model_summary(rows: list[dict[str, Any]]) -> str:
 def variants_table(rows: list[dict[str, Any]]) -> str:
     """Joint against checkpoint-only at each setting both ran: measured peaks, the median
     over rounds of joint's step time over checkpoint-only's in the same round (a
-    neighbour's burst hits both), and the solver's predicted added time, which no
-    round's noise blurs. Empty without both methods."""
+    neighbour's burst hits both) with the interval that holds the true median at 90%
+    or more (``median_interval``; five rounds: their range, 94%) and what it says,
+    and the solver's predicted added time, which no round's noise blurs. Empty
+    without both methods."""
     joint = {r["setting"]: r for r in rows if r["method"] == MONET}
     alone = {r["setting"]: r for r in rows if r["method"] == MONET_CHECKPOINT}
     table = []
@@ -682,8 +684,12 @@ def variants_table(rows: list[dict[str, Any]]) -> str:
         ratio = "-"
         if mine.get("times_s") and theirs.get("times_s"):
             pairs = zip(str(mine["times_s"]).split(), str(theirs["times_s"]).split())
-            ratios = sorted(float(a) / float(b) for a, b in pairs)
-            ratio = (f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})")
+            ratios = [float(a) / float(b) for a, b in pairs]
+            low, high, coverage = median_interval(ratios)
+            verdict = ("faster" if high < 1 else "slower" if low > 1
+                       else "no difference measured")
+            ratio = (f"{statistics.median(ratios):.2f} ({low:.2f}-{high:.2f}, "
+                     f"{coverage:.0%}): {verdict}")
         table.append([
             setting,
             number(mine.get("peak_bytes"), 1, MIB), number(theirs.get("peak_bytes"), 1, MIB),
@@ -697,7 +703,7 @@ def variants_table(rows: list[dict[str, Any]]) -> str:
     if not table:
         return ""
     header = ["setting", "peak MiB joint", "checkpoint-only", "time/eager joint",
-              "checkpoint-only", "joint/checkpoint-only time (range)",
+              "checkpoint-only", "joint/checkpoint-only time (interval, coverage)",
               "predicted added ms joint", "checkpoint-only", "joint's variants / error",
               "checkpoint-only error"]
     return ("Operator variants: monet (joint) against monet checkpoint-only\n\n"
@@ -1029,6 +1035,10 @@ def write_outputs(
         f"atol={VARIANT_ATOL} (another kernel, a norm's input rebuilt from its output), and not "
         "compared where the model draws random "
         "numbers (inductor's dropout masks are not eager's)"),
+        ("joint/checkpoint-only time: the median over rounds of monet's step time over monet "
+        "checkpoint-only's in the same round, the interval of those ratios that holds their true "
+        "median at the coverage given (monet.measure.median_interval, the sign test's order "
+        "statistics), and what it says: faster or slower where it excludes 1"),
         ("summary: for every method the fastest measured point whose measured peak is at most "
         "the fraction of eager's peak; monet / best other = monet's time over the fastest "
         "other method's at that fraction (below 1: monet is faster)"),

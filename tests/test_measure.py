@@ -221,3 +221,18 @@ def test_cuda_peak_of_known_allocations():
     assert max(b for _, b in m.timeline) == 13 * MiB
     st = measure_step_time(step, repeats=2, device=dev)
     assert st.method == "cuda events" and len(st.times_s) == 2
+
+
+def test_median_interval_is_the_sign_test_interval():
+    """Order statistics around the median: five values give their range at 30/32, eleven
+    the 3rd and 9th at 1 - 2·67/2048; fewer than five cannot reach 90%."""
+    from monet.measure import median_interval
+
+    assert median_interval([5, 1, 4, 2, 3]) == (1, 5, 30 / 32)
+    assert median_interval(list(range(11, 0, -1))) == (3, 9, 1 - 2 * 67 / 2048)
+    low, high, coverage = median_interval([2.0, 1.0, 3.0])
+    assert (low, high) == (1.0, 3.0) and coverage == 0.75
+    for n in range(5, 40):
+        assert median_interval(range(n))[2] >= 0.9
+    with pytest.raises(ValueError):
+        median_interval([])

@@ -527,3 +527,36 @@ def test_a_dropped_rebuild_is_charged_once():
     assert solution.objective == pytest.approx(fastest.predicted_overhead, abs=1e-6)
     _, bound = relax_and_repair(problem, fastest.predicted_peak, time_limit=5)
     assert bound == pytest.approx(fastest.predicted_overhead, abs=1e-6)
+
+
+class _WrittenOutAttention(torch.nn.Module):
+    """Attention with its softmax written out, and a log-softmax head (squared, so that
+    its incoming gradient is a whole tensor)."""
+
+    def __init__(self, dim: int = 12):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, 5)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        x = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+        return self.head(x).log_softmax(dim=-1).square()
+
+
+def test_softmax_backwards_write_over_their_gradients():
+    """A softmax's and a log-softmax's backward on CPU write over the incoming gradient:
+    counted in its storage, and the step is eager's bit for bit."""
+    from monet.capture import capture
+    from monet.graph import analyse
+
+    torch.manual_seed(0)
+    model = _WrittenOutAttention()
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    ops = {str(r.node.target) for r in analyse(capture(model, x)).in_place}
+    assert {"aten._softmax_backward_data.default",
+            "aten._log_softmax_backward_data.default"} <= ops
+    optimized = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5)
+    assert optimized.report().in_place
+    assert_same_step(optimized, model, reference, x, {"rtol": 0, "atol": 0})

@@ -13,6 +13,13 @@ never faster.
 Only kernels whose ``out=`` overload is structured (computes into ``out``
 itself) are listed: an overload generated from the functional op allocates
 its result and copies it (``tests/operators`` checks each by its allocations).
+
+A softmax's backward (``dy·(g − Σ g·y)`` along the softmax's dimension) is not
+pointwise, but its CPU kernel reads a whole row's sum before it writes any of
+that row, so writing over the incoming gradient gives its result bit for bit;
+on an attention's N×N probabilities that is one N×N value fewer in the
+backward. The CUDA kernels are not checked here, so only CPU values are written
+over.
 """
 
 from __future__ import annotations
@@ -40,8 +47,14 @@ _OUT: dict[str, tuple[torch._ops.OpOverload, str, tuple[int, ...]]] = {
         (aten.sub.Tensor, aten.sub.out, "out", (0, 1)),
         (aten.mul.Tensor, aten.mul.out, "out", (0, 1)),
         (aten.div.Tensor, aten.div.out, "out", (0, 1)),
+        (aten._softmax_backward_data.default, aten._softmax_backward_data.out, "grad_input",
+         (0,)),
+        (aten._log_softmax_backward_data.default, aten._log_softmax_backward_data.out, "out",
+         (0,)),
     )
 }
+_CPU_ONLY = {str(aten._softmax_backward_data.default),
+             str(aten._log_softmax_backward_data.default)}
 
 
 def write_into(op: str, position: int, *args, **kwargs):
@@ -64,8 +77,15 @@ def in_place_rewrites(order: list[fx.Node], forward: set[fx.Node],
             continue
         for position in entry[2]:
             value = node.args[position] if position < len(node.args) else None
+            if str(node.target) in _CPU_ONLY and not _on_cpu(value):
+                continue
             if value not in forward and overwritable(value, node):
                 rewrites.append(Rewrite(node, write_into, (str(node.target), position, *node.args),
                                         dict(node.kwargs), overwrites=value))
                 break
     return rewrites
+
+
+def _on_cpu(value: object) -> bool:
+    held = value.meta.get("val") if isinstance(value, fx.Node) else None
+    return isinstance(held, torch.Tensor) and held.device.type == "cpu"
