@@ -415,7 +415,6 @@ def compare_step_times(
     }
 
 
-
 def median_interval(values: Sequence[float], confidence: float = 0.9) -> tuple[float, float, float]:
     """The tightest distribution-free interval of order statistics that holds the
     median of the distribution ``values`` were drawn from with at least

@@ -14,12 +14,12 @@ Only kernels whose ``out=`` overload is structured (computes into ``out``
 itself) are listed: an overload generated from the functional op allocates
 its result and copies it (``tests/operators`` checks each by its allocations).
 
-A softmax's backward (``dy·(g − Σ g·y)`` along the softmax's dimension) is not
-pointwise, but its CPU kernel reads a whole row's sum before it writes any of
-that row, so writing over the incoming gradient gives its result bit for bit;
-on an attention's N×N probabilities that is one N×N value fewer in the
-backward. The CUDA kernels are not checked here, so only CPU values are written
-over.
+A softmax's backward (``y·(g − Σ g·y)`` for output ``y`` and incoming gradient
+``g``, summed along the softmax's dimension) is not pointwise, but its CPU
+kernel reads a whole row's sum before it writes any of that row, so writing over
+the incoming gradient gives its result bit for bit; on an attention's N×N
+probabilities that is one N×N value fewer in the backward. The CUDA kernels are
+not checked here, so only CPU values are written over.
 """
 
 from __future__ import annotations
