@@ -121,6 +121,29 @@ def test_fused_mlp_backward_is_the_captured_step():
         assert torch.equal(a, b)
 
 
+def test_fused_mlp_backward_frees_the_output_gradient_where_the_captured_ops_do(tmp_path):
+    """fc2's output gradient is donated to the fused backward, which frees it after its
+    first matmul as the captured ops do: keeping everything, the fused graph's peak is
+    the captured graph's, predicted and measured."""
+    peaks = {}
+    for variants in (False, True):
+        model, _, x = _setup("vit")
+        problem = monet.optimize(model, 1.0, (x,), variants=variants, measure=False,
+                                 time_limit=2).last_plan.problem
+        peaks[variants] = keep_all(problem)
+    boxes = {i for i, n in enumerate(problem.nodes) if n.op == "donate"}
+    assert boxes
+    assert {n.op for n in problem.nodes if boxes & set(n.inputs)} == {"mlp_backward"}
+    assert peaks[True].predicted_peak == peaks[False].predicted_peak
+
+    path = tmp_path / "keep.json"
+    peaks[True].save(path)
+    model, _, x = _setup("vit")
+    optimized = monet.optimize(model, peaks[True].predicted_peak, (x,), schedule=str(path),
+                               timing_repeats=0)
+    assert optimized.last_plan.measured_peak == peaks[True].predicted_peak
+
+
 class _TwoMlps(torch.nn.Module):
     """Pre-norm residual MLPs without dropout: GELU (tanh) with biases, SiLU without."""
 

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.fx.graph import _BoxedCodeGen
+from torch.multiprocessing.reductions import StorageWeakRef
 
-from monet.operators import Alternative, Rewrite, Site
+from monet.operators import Alternative, Rewrite, Site, donate, take
 
 aten = torch.ops.aten
 
@@ -294,19 +296,66 @@ def _structure(nodes: list[fx.Node], inputs: list[fx.Node]) -> str:
 
 def _replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):
     """A function running ``nodes`` (in graph order) on ``inputs``, returning ``outputs``:
-    the captured ops themselves, so the fused default is bit for bit the unfused graph."""
+    the captured ops themselves, so the fused default is bit for bit the unfused graph.
+
+    A donated input (:func:`monet.operators.donate`) is freed after its last use
+    inside, as the unfused graph frees it: the module takes its arguments boxed."""
     graph = fx.Graph()
     env = {n: graph.placeholder(f"input_{k}") for k, n in enumerate(inputs)}
     for n in nodes:
         env[n] = graph.node_copy(n, lambda m: env[m])
     graph.output(tuple(env[n] for n in outputs))
+    graph.set_codegen(_BoxedCodeGen())
     module = fx.GraphModule(torch.nn.Module(), graph)
 
-    def mlp_backward(*tensors):
-        return module(*tensors)
+    def mlp_backward(*values):
+        return module([take(v) for v in values])
 
     mlp_backward.__qualname__ = f"mlp_backward[{_structure(nodes, inputs)}]"
     return mlp_backward
+
+
+def _storage(node: fx.Node) -> int | None:
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    return StorageWeakRef(value.untyped_storage()).cdata
+
+
+def _donatable(graph: fx.Graph, grad2d: fx.Node, members: list[fx.Node],
+               outputs: list[fx.Node]) -> list[fx.Node] | None:
+    """The nodes outside ``members`` that use fc2's output gradient's storage, when the
+    fused node can be its last reader; else None.
+
+    The unfused graph frees that gradient after its first matmul; the fused node, run
+    after every other reader, frees it there too when it is donated. It must be a
+    backward op's own value (not a tangent, not a step output), and every other
+    reader must be able to run first: before any user of the fused outputs, and
+    depending on none of the members.
+    """
+    storage = _storage(grad2d)
+    if storage is None:
+        return None
+    inner = set(members)
+    aliases = [n for n in graph.nodes if n not in inner and _storage(n) == storage]
+    if any(n.op != "call_function" for n in aliases):
+        return None
+    if set(aliases) & set(graph.output_node().all_input_nodes):
+        return None
+    readers = list(dict.fromkeys(
+        u for a in aliases for u in a.users if u not in inner and u.op != "output"))
+    downstream, stack = set(), list(members)
+    while stack:
+        for user in stack.pop().users:
+            if user not in downstream:
+                downstream.add(user)
+                stack.append(user)
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    first_use = min((order[u] for o in outputs for u in o.users), default=len(order))
+    found = [*aliases, *readers]
+    if any(n in downstream or order[n] >= first_use for n in found):
+        return None
+    return found
 
 
 def fuse_mlp_backwards(module: fx.GraphModule) -> int:
@@ -331,12 +380,20 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
         ))
         # After every input (the latest may be a backward node) and after fc2's weight
         # gradient, whose read of ``h`` is then over: the default's bytes are the graph's.
-        anchor = max([*inputs, m.weight_grad], key=order.__getitem__)
+        # With fc2's output gradient donated, after its other readers too.
+        others = _donatable(graph, grad2d, members, outputs)
+        anchor = max([*inputs, m.weight_grad, *(others or ())], key=order.__getitem__)
+        box = None
+        if others is not None:
+            with graph.inserting_after(anchor):
+                box = anchor = graph.call_function(donate, (grad2d,))
+            box.meta["val"] = [grad2d.meta["val"]]
+        reads = [box if n is grad2d and box is not None else n for n in inputs]
         with graph.inserting_after(anchor):
-            fused = graph.call_function(_replay(members, inputs, outputs), tuple(inputs))
+            fused = graph.call_function(_replay(members, inputs, outputs), tuple(reads))
         fused.meta["val"] = tuple(o.meta["val"] for o in outputs)
         fused.meta["monet_mlp"] = {
-            "weight_grad": m.weight_grad, "grad2d": grad2d, "x2d": m.x2d,
+            "weight_grad": m.weight_grad, "grad2d": grad2d if box is None else box, "x2d": m.x2d,
             "weight_t": m.weight_t, "bias": m.bias, "fc2_weight_t": m.fc2_weight_t,
             "activation": m.activation,
             "approximate": m.approximate, "factors": m.factors, "a": m.a,
@@ -442,6 +499,7 @@ def mlp_backward_chunked(
     Returns what the captured ops return: the input's gradient (tokens × in),
     fc1's weight gradient (hidden × in) and, with a bias, its gradient (1 × hidden).
     """
+    grad2d = take(grad2d)
     width = weight_t.shape[1]
     grad_x = grad2d.new_empty(x2d.shape[0], weight_t.shape[0])
     fc1_grad = bias_grad = None
