@@ -363,8 +363,9 @@ def dying_reads(problem: Problem) -> dict[int, set[int]]:
 
 def _check_workspace(problem: Problem, dying: dict[int, set[int]], i: int, workspace: int,
                      where: str) -> None:
-    """A negative workspace is an in-place op: a backward node whose output overwrites
-    storages it reads that die with it, at most as many bytes as it allocates."""
+    """A negative workspace is a backward node that writes its output over storages it
+    reads that die with it (in place), or frees them before it has allocated its
+    outputs (a donated input): at most as many bytes as it allocates."""
     if workspace >= 0:
         return
     n, sizes = problem.nodes[i], problem.storage_bytes
@@ -372,7 +373,7 @@ def _check_workspace(problem: Problem, dying: dict[int, set[int]], i: int, works
     if n.phase != "backward" or -workspace > reusable:
         raise ValueError(
             f"{where} is {workspace}: below 0 only for a backward node that writes over "
-            f"storages dying with it, and by at most {reusable} bytes here"
+            f"or frees storages dying with it, and by at most {reusable} bytes here"
         )
 
 
