@@ -479,7 +479,8 @@ def _workspace(peak: int, level: int, freed: int) -> int:
     (relative to its start) and the donated bytes it freed: a node that freed an input
     may need less than its outputs (the problem allows that down to the freed bytes)."""
     if freed:
-        return peak - (level + freed)
+        # Never below the freed bytes (CUDA's counters round to blocks).
+        return max(peak - (level + freed), -freed)
     return max(0, peak - max(level, 0))
 
 

@@ -144,6 +144,52 @@ def test_fused_mlp_backward_frees_the_output_gradient_where_the_captured_ops_do(
     assert optimized.last_plan.measured_peak == peaks[True].predicted_peak
 
 
+class _ParallelMlps(torch.nn.Module):
+    """Two MLPs, summed: both are handed the same output gradient."""
+
+    def __init__(self, width: int = 16, hidden: int = 64):
+        super().__init__()
+        nn = torch.nn
+        self.a = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.b = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.a(x) + self.b(y))
+
+
+class _MlpOut(torch.nn.Module):
+    """An MLP whose output is the step's: its output gradient is the tangent itself."""
+
+    def __init__(self, width: int = 16, hidden: int = 64):
+        super().__init__()
+        nn = torch.nn
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) + y
+
+
+@pytest.mark.parametrize("build,fused,donated", [(_ParallelMlps, 2, 1), (_MlpOut, 1, 0)])
+def test_an_output_gradient_is_donated_only_where_it_dies(build, fused, donated, tmp_path):
+    """A gradient two MLPs read goes to the one that can read it last (never to both),
+    and a tangent (held by autograd) to none; keeping everything, the measured peak is
+    the predicted one."""
+    torch.manual_seed(0)
+    model = build()
+    inputs = tuple(torch.randn(3, 17, 16, requires_grad=True) for _ in range(2))
+    problem = monet.optimize(copy.deepcopy(model), 1.0, inputs, measure=False,
+                             time_limit=2).last_plan.problem
+    assert sum(n.op == "mlp_backward" for n in problem.nodes) == fused
+    assert sum(n.op == "donate" for n in problem.nodes) == donated
+    schedule = keep_all(problem)
+    path = tmp_path / "keep.json"
+    schedule.save(path)
+    optimized = monet.optimize(model, schedule.predicted_peak, inputs, schedule=str(path),
+                               timing_repeats=0)
+    assert optimized.last_plan.measured_peak == schedule.predicted_peak
+
+
 class _TwoMlps(torch.nn.Module):
     """Pre-norm residual MLPs without dropout: GELU (tanh) with biases, SiLU without."""
 

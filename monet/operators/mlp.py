@@ -344,6 +344,8 @@ def _donatable(graph: fx.Graph, grad2d: fx.Node, members: list[fx.Node],
         return None
     readers = list(dict.fromkeys(
         u for a in aliases for u in a.users if u not in inner and u.op != "output"))
+    if any(u.target is donate for u in readers):
+        return None  # another MLP reading the same gradient was handed it
     downstream, stack = set(), list(members)
     while stack:
         for user in stack.pop().users:
@@ -379,8 +381,9 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
             i for n in members for i in n.all_input_nodes if i not in inner
         ))
         # After every input (the latest may be a backward node) and after fc2's weight
-        # gradient, whose read of ``h`` is then over: the default's bytes are the graph's.
-        # With fc2's output gradient donated, after its other readers too.
+        # gradient, whose read of ``h`` is then over. With fc2's output gradient donated,
+        # after its other readers too (its bias gradient: the fused node's other inputs
+        # are held over those, which the problem counts).
         others = _donatable(graph, grad2d, members, outputs)
         anchor = max([*inputs, m.weight_grad, *(others or ())], key=order.__getitem__)
         box = None

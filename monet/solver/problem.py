@@ -373,7 +373,7 @@ def _check_workspace(problem: Problem, dying: dict[int, set[int]], i: int, works
     if n.phase != "backward" or -workspace > reusable:
         raise ValueError(
             f"{where} is {workspace}: below 0 only for a backward node that writes over "
-            f"or frees storages dying with it, and by at most {reusable} bytes here"
+            f"storages dying with it (or frees them), and by at most {reusable} bytes here"
         )
 
 
