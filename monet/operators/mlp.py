@@ -322,8 +322,8 @@ def _storage(node: fx.Node) -> int | None:
     return StorageWeakRef(value.untyped_storage()).cdata
 
 
-def _donatable(graph: fx.Graph, grad2d: fx.Node, members: list[fx.Node],
-               outputs: list[fx.Node]) -> list[fx.Node] | None:
+def _donatable(graph: fx.Graph, order: dict[fx.Node, int], grad2d: fx.Node,
+               members: list[fx.Node], outputs: list[fx.Node]) -> list[fx.Node] | None:
     """The nodes outside ``members`` that use fc2's output gradient's storage, when the
     fused node can be its last reader; else None.
 
@@ -352,7 +352,6 @@ def _donatable(graph: fx.Graph, grad2d: fx.Node, members: list[fx.Node],
             if user not in downstream:
                 downstream.add(user)
                 stack.append(user)
-    order = {n: k for k, n in enumerate(graph.nodes)}
     first_use = min((order[u] for o in outputs for u in o.users), default=len(order))
     found = [*aliases, *readers]
     if any(n in downstream or order[n] >= first_use for n in found):
@@ -384,7 +383,7 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
         # gradient, whose read of ``h`` is then over. With fc2's output gradient donated,
         # after its other readers too (its bias gradient: the fused node's other inputs
         # are held over those, which the problem counts).
-        others = _donatable(graph, grad2d, members, outputs)
+        others = _donatable(graph, order, grad2d, members, outputs)
         anchor = max([*inputs, m.weight_grad, *(others or ())], key=order.__getitem__)
         box = None
         if others is not None:
