@@ -99,7 +99,13 @@ def compile_step(
         return [torch.func.functional_call(model, (params, buffers), call_args, call_kwargs)]
 
     def partition_fn(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int, **_):
-        return partition(JointGraph(joint, num_fwd_outputs, names, state.get("real")))
+        try:
+            return partition(JointGraph(joint, num_fwd_outputs, names, state.get("real")))
+        except Exception as error:
+            # Planning's own failure (an infeasible budget, a bad schedule file, a bug):
+            # the capture is done, so it is not reported as a tracing failure.
+            state["planning"] = error
+            raise
 
     def boxed(graph: fx.GraphModule, _example: Any) -> Callable[[list], Any]:
         # Graphs lowered by monet already take their inputs as a list and clear it.
@@ -116,10 +122,11 @@ def compile_step(
     def call(*flat: torch.Tensor) -> Any:
         state["real"] = list(flat)
         try:
-            with _explain_failures():
+            with _explain_failures(state):
                 return function(*flat)[0]
         finally:
             state.pop("real", None)
+            state.pop("planning", None)
 
     return CompiledStep(call, positions, leaves, spec, names)
 
@@ -287,15 +294,17 @@ _MONET_DIR = os.path.dirname(__file__)
 
 
 @contextlib.contextmanager
-def _explain_failures():
-    """Turn a tracing failure into a CaptureError naming the op and the user's line."""
+def _explain_failures(state: dict | None = None):
+    """Turn a tracing failure into a CaptureError naming the op and the user's line;
+    what planning raised (``state["planning"]``) and monet's own refusals pass through."""
     try:
         yield
-    except (CaptureError, ValueError) as error:
-        if type(error).__module__.startswith("monet"):
-            raise
-        raise _capture_error(error) from error
     except Exception as error:
+        planning = state is not None and state.get("planning") is error
+        refusal = isinstance(error, (CaptureError, ValueError)) and type(
+            error).__module__.startswith("monet")
+        if planning or refusal:
+            raise
         raise _capture_error(error) from error
 
 

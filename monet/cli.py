@@ -244,7 +244,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     optimized = monet.optimize(
         model, planning_budget, inputs, measure=False, progress=args.verbose,
-        lossy_variants=args.lossy_variants,
+        lossy_variants=args.lossy_variants, attention_variants=args.attention_variants,
     )
     seconds = time.perf_counter() - started
     plan = optimized.last_plan
@@ -474,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("-o", "--output", type=Path, required=True, help="problem JSON to write")
     profile.add_argument("--lossy-variants", action="store_true",
                          help="also offer lossy variants (activations kept in bfloat16)")
+    profile.add_argument("--attention-variants", action="store_true",
+                         help="also offer the chunked written-out attention (MViTv2)")
     profile.add_argument("-v", "--verbose", action="store_true", help="show profiling progress")
     profile.set_defaults(run=cmd_profile)
 

@@ -79,22 +79,27 @@ def has_side_effects(node: fx.Node) -> bool:
 
 
 def analyse(
-    joint: JointGraph, variants: bool = True, lossy: bool = False, forward_kernels: bool = False
+    joint: JointGraph, variants: bool = True, lossy: bool = False, forward_kernels: bool = False,
+    attention: bool = False,
 ) -> AnalysedGraph:
     """Phases, storages and flags of every node of ``joint``, and its variant sites.
 
-    With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's
-    backward) are first fused into one node each, in ``joint`` itself; that node
-    runs the captured ops, so the default step is unchanged; and a max-pool's
-    backward reads no pool input (:mod:`monet.operators.pooling`), bit for bit the same.
+    With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's backward;
+    with ``attention``, a written-out attention's) are first fused into one node each, in
+    ``joint`` itself; that node runs the captured ops, so the default step is unchanged;
+    and a max-pool's backward reads no pool input (:mod:`monet.operators.pooling`), bit
+    for bit the same.
     """
     if variants:
+        from monet.operators.attention import fuse_attention_backwards
         from monet.operators.mlp import fuse_mlp_backwards
         from monet.operators.pooling import pool_backwards_from_indices
         from monet.operators.reversible import expose_twins
 
         pool_backwards_from_indices(joint.module)
         fuse_mlp_backwards(joint.module)
+        if attention:
+            fuse_attention_backwards(joint.module)
         expose_twins(joint.module)
     graph = joint.module.graph
     output = graph.output_node()

@@ -350,7 +350,8 @@ class MonetModule(nn.Module):
             t = time.perf_counter()
             seconds["capture"] = t - started
             analysed = analyse(
-                joint, config.variants, config.lossy_variants, config.kernel_variants
+                joint, config.variants, config.lossy_variants, config.kernel_variants,
+                config.attention_variants,
             )
             if joint.real_primals is None:
                 raise RuntimeError("monet: the real inputs were not handed to the partitioner")

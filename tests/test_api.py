@@ -115,6 +115,19 @@ def test_untraceable_model_names_the_line():
     assert "if y.sum() > 0" in message
 
 
+def test_a_planning_failure_is_not_reported_as_a_capture_failure(monkeypatch):
+    """Once the graph is captured, what planning raises reaches the caller as it is."""
+
+    def fails(*args, **kwargs):
+        raise ValueError("planning failed")
+
+    monkeypatch.setattr("monet.runtime.analyse", fails)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ValueError, match="^planning failed$") as error:
+        monet.optimize(model, 1.0, (torch.randn(2, 4),), measure=False)
+    assert not isinstance(error.value, CaptureError)
+
+
 def test_eval_and_no_grad_run_the_model_without_a_plan():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))

@@ -95,6 +95,17 @@ def take(value: object) -> object:
     return value.pop() if isinstance(value, Donated) else value
 
 
+def skipped(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """What a node holds that an alternative never computes (its ``drops``): nothing,
+    as nothing but the alternative's own nodes reads it."""
+    return torch.empty(0, dtype=dtype, device=device)
+
+
+def same(value: torch.Tensor) -> torch.Tensor:
+    """A view of a skipped value: the same empty tensor."""
+    return value
+
+
 def overwritable(value: object, node: fx.Node) -> bool:
     """Whether ``node`` may write its first output over ``value``: ``node`` is its only
     reader, and it is a whole, dense tensor laid out as that output."""
@@ -115,10 +126,10 @@ def overwritable(value: object, node: fx.Node) -> bool:
 
 
 def _finders() -> list[Finder]:
-    from monet.operators import conv, mlp, norms
+    from monet.operators import attention, conv, mlp, norms
 
     return [norms.layer_norm_sites, norms.batch_norm_sites, conv.convolution_sites,
-            mlp.mlp_sites]
+            mlp.mlp_sites, attention.attention_sites]
 
 
 def find_sites(

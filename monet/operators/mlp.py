@@ -28,17 +28,14 @@ rows, and a weight gradient summed over chunks, round differently.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.fx.graph import _BoxedCodeGen
-from torch.multiprocessing.reductions import StorageWeakRef
 
-from monet.operators import Alternative, Rewrite, Site, donate, take
+from monet.operators import Alternative, Rewrite, Site, same, skipped, take
+from monet.operators.fusion import feeds_a_discrete_op, fuse, only_read_inside
 
 aten = torch.ops.aten
 
@@ -213,10 +210,6 @@ def _match(node: fx.Node) -> _Match | None:
 # may hold no full-width gradient either.
 
 
-def _only_users(node: fx.Node, allowed: set) -> bool:
-    return all(u in allowed for u in node.users)
-
-
 def _backward_nodes(m: _Match):
     """The backward nodes from fc2's output gradient to fc1's gradients, or None.
 
@@ -275,88 +268,9 @@ def _backward_nodes(m: _Match):
     if len(grad_a2d.users) != 2 + (grad_b is not None):
         return None
     outputs = [grad_x, grad_w] + ([grad_b] if grad_b is not None else [])
-    inner = set(fused)
-    if len(inner) != len(fused):
+    if not only_read_inside(fused, outputs):
         return None
-    for n in inner - set(outputs):
-        if not _only_users(n, inner):
-            return None
     return fused, outputs, grad2d
-
-
-def _structure(nodes: list[fx.Node], inputs: list[fx.Node]) -> str:
-    """A digest of a subgraph's ops and constants (not its shapes): part of its profile key."""
-    position = {n: f"%{k}" for k, n in enumerate(inputs)}
-    position.update({n: f"${k}" for k, n in enumerate(nodes)})
-    text = ";".join(
-        f"{n.target}{fx.node.map_arg((n.args, n.kwargs), lambda m: position[m])}" for n in nodes
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):
-    """A function running ``nodes`` (in graph order) on ``inputs``, returning ``outputs``:
-    the captured ops themselves, so the fused default is bit for bit the unfused graph.
-
-    A donated input (:func:`monet.operators.donate`) is freed after its last use
-    inside, as the unfused graph frees it: the module takes its arguments boxed."""
-    graph = fx.Graph()
-    env = {n: graph.placeholder(f"input_{k}") for k, n in enumerate(inputs)}
-    for n in nodes:
-        env[n] = graph.node_copy(n, lambda m: env[m])
-    graph.output(tuple(env[n] for n in outputs))
-    graph.set_codegen(_BoxedCodeGen())
-    module = fx.GraphModule(torch.nn.Module(), graph)
-
-    def mlp_backward(*values):
-        return module([take(v) for v in values])
-
-    mlp_backward.__qualname__ = f"mlp_backward[{_structure(nodes, inputs)}]"
-    return mlp_backward
-
-
-def _storage(node: fx.Node) -> int | None:
-    value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor):
-        return None
-    return StorageWeakRef(value.untyped_storage()).cdata
-
-
-def _donatable(graph: fx.Graph, order: dict[fx.Node, int], grad2d: fx.Node,
-               members: list[fx.Node], outputs: list[fx.Node]) -> list[fx.Node] | None:
-    """The nodes outside ``members`` that use fc2's output gradient's storage, when the
-    fused node can be its last reader; else None.
-
-    The unfused graph frees that gradient after its first matmul; the fused node, run
-    after every other reader, frees it there too when it is donated. It must be a
-    backward op's own value (not a tangent, not a step output), and every other
-    reader must be able to run first: before any user of the fused outputs, and
-    depending on none of the members.
-    """
-    storage = _storage(grad2d)
-    if storage is None:
-        return None
-    inner = set(members)
-    aliases = [n for n in graph.nodes if n not in inner and _storage(n) == storage]
-    if any(n.op != "call_function" for n in aliases):
-        return None
-    if set(aliases) & set(graph.output_node().all_input_nodes):
-        return None
-    readers = list(dict.fromkeys(
-        u for a in aliases for u in a.users if u not in inner and u.op != "output"))
-    if any(u.target is donate for u in readers):
-        return None  # another MLP reading the same gradient was handed it
-    downstream, stack = set(), list(members)
-    while stack:
-        for user in stack.pop().users:
-            if user not in downstream:
-                downstream.add(user)
-                stack.append(user)
-    first_use = min((order[u] for o in outputs for u in o.users), default=len(order))
-    found = [*aliases, *readers]
-    if any(n in downstream or order[n] >= first_use for n in found):
-        return None
-    return found
 
 
 def fuse_mlp_backwards(module: fx.GraphModule) -> int:
@@ -373,43 +287,17 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
         if found is None:
             continue
         members, outputs, grad2d = found
-        order = {n: k for k, n in enumerate(graph.nodes)}
-        members = sorted(members, key=order.__getitem__)
-        inner = set(members)
-        inputs = list(dict.fromkeys(
-            i for n in members for i in n.all_input_nodes if i not in inner
-        ))
-        # After every input (the latest may be a backward node) and after fc2's weight
-        # gradient, whose read of ``h`` is then over. With fc2's output gradient donated,
-        # after its other readers too (its bias gradient: the fused node's other inputs
-        # are held over those, which the problem counts).
-        others = _donatable(graph, order, grad2d, members, outputs)
-        anchor = max([*inputs, m.weight_grad, *(others or ())], key=order.__getitem__)
-        box = None
-        if others is not None:
-            with graph.inserting_after(anchor):
-                box = anchor = graph.call_function(donate, (grad2d,))
-            box.meta["val"] = [grad2d.meta["val"]]
-        reads = [box if n is grad2d and box is not None else n for n in inputs]
-        with graph.inserting_after(anchor):
-            fused = graph.call_function(_replay(members, inputs, outputs), tuple(reads))
-        fused.meta["val"] = tuple(o.meta["val"] for o in outputs)
+        # After fc2's weight gradient, whose read of ``h`` is then over. With fc2's
+        # output gradient donated, after its other readers too (its bias gradient: the
+        # fused node's other inputs are held over those, which the problem counts).
+        fused, boxes = fuse(graph, members, outputs, "mlp_backward", after=[m.weight_grad],
+                            donated=[grad2d])
         fused.meta["monet_mlp"] = {
-            "weight_grad": m.weight_grad, "grad2d": grad2d if box is None else box, "x2d": m.x2d,
+            "weight_grad": m.weight_grad, "grad2d": boxes.get(grad2d, grad2d), "x2d": m.x2d,
             "weight_t": m.weight_t, "bias": m.bias, "fc2_weight_t": m.fc2_weight_t,
             "activation": m.activation,
             "approximate": m.approximate, "factors": m.factors, "a": m.a,
         }
-        with graph.inserting_after(fused):
-            items = []
-            for k, output in enumerate(outputs):
-                item = graph.call_function(operator.getitem, (fused, k))
-                item.meta["val"] = output.meta["val"]
-                items.append(item)
-        for output, item in zip(outputs, items, strict=True):
-            output.replace_all_uses_with(item)
-        for n in reversed(members):
-            graph.erase_node(n)
         fused_count += 1
     if fused_count:
         graph.lint()
@@ -449,16 +337,6 @@ def _forward_chain(spec: dict) -> list[fx.Node] | None:
     if any(not set(n.users) <= allowed for n in chain[:-1]):
         return None
     return chain
-
-
-def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """What a node ``mlp.chunked`` skips holds: nothing (nothing reads it)."""
-    return torch.empty(0, dtype=dtype, device=device)
-
-
-def _same(value: torch.Tensor) -> torch.Tensor:
-    """A view of a skipped value: the same empty tensor."""
-    return value
 
 
 def mlp_weight_grad_recompute(
@@ -564,14 +442,14 @@ def mlp_sites(node: fx.Node) -> list[Site]:
     alternatives = [Alternative("mlp.backward_chunked", rewrites)]
     chain = _forward_chain({**spec, "backward": node})
     if chain is not None:
-        *skipped, fc2 = chain
+        *unmade, fc2 = chain
         forward = []
-        for n in skipped:
+        for n in unmade:
             if n.target in _VIEWS:
-                forward.append(Rewrite(n, _same, (n.args[0],)))
+                forward.append(Rewrite(n, same, (n.args[0],)))
             else:  # fc1, the activation (and a dropout-0 copy): their values are never made
                 value = n.meta["val"]
-                forward.append(Rewrite(n, _empty, (value.dtype, value.device)))
+                forward.append(Rewrite(n, skipped, (value.dtype, value.device)))
         forward.append(Rewrite(fc2, mlp_forward_chunked, (
             *common, spec["fc2_weight_t"], _fc1(fc2)[2], spec["activation"],
             spec["approximate"])))
@@ -579,42 +457,6 @@ def mlp_sites(node: fx.Node) -> list[Site]:
         # discrete op downstream (a max-pool's argmax) could then decide otherwise.
         alternatives.append(Alternative(
             "mlp.chunked", (*rewrites, *forward),
-            drops=tuple(n for n in skipped if n.target not in _VIEWS),
-            forward_rounding=_feeds_a_discrete_op(fc2)))
+            drops=tuple(n for n in unmade if n.target not in _VIEWS),
+            forward_rounding=feeds_a_discrete_op(fc2)))
     return [Site(node.name, tuple(alternatives))]
-
-
-_DISCRETE = {
-    aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default,
-    aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default,
-    aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim, aten.max.default,
-    aten.min.default, aten.amax.default, aten.amin.default, aten.kthvalue.default,
-    aten.median.default, aten.median.dim, aten.sort.default, aten.topk.default,
-    aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.le.Tensor, aten.le.Scalar,
-    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar,
-}
-
-
-def _feeds_a_discrete_op(start: fx.Node) -> bool:
-    """Whether a forward op downstream of ``start`` picks among values (argmax, compare)."""
-    backward = _backward(start.graph)
-    seen, stack = {start}, [start]
-    while stack:
-        node = stack.pop()
-        if node.target in _DISCRETE:
-            return True
-        for user in node.users:
-            if user not in seen and user not in backward:
-                seen.add(user)
-                stack.append(user)
-    return False
-
-
-def _backward(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes that depend on a tangent (graph.py's split, for one question here)."""
-    result: set[fx.Node] = set()
-    for n in graph.nodes:
-        if (n.op == "placeholder" and n.name.startswith("tangents")) or any(
-                m in result for m in n.all_input_nodes):
-            result.add(n)
-    return result
