@@ -31,8 +31,8 @@ class Config:
     """Also offer other kernels for forward ops (e.g. convolution without oneDNN): their
     rounding differs from eager's, which can flip a max-pool's argmax downstream."""
     attention_variants: bool = False
-    """Also offer the chunked written-out attention (``monet.operators.attention``): its
-    fused backward holds the probabilities and V to its end, and the solver's search
-    fares worse with its choices on MViTv2-T, so it is not offered by default yet."""
+    """Also offer the chunked written-out attention (``monet.operators.attention``).
+    Off until measured beside checkpointing alone: on MViTv2-T it lowers the least peak
+    and most solves' added time, but not all (the README's limits)."""
     check_simulation: bool = True
     """Simulate the lowered graphs and require the solver's predicted peak exactly."""

@@ -95,7 +95,7 @@ def lower(
     )
     _drop_unrun(forward_module, analysed, program)
     _check_forward(forward_module, analysed, program)
-    backward_module = _reorder_backward(backward_module, analysed, program)
+    backward_module = _reorder_backward(backward_module, analysed, program, choices)
     for module in (forward_module, backward_module):
         module.graph.set_codegen(_BoxedCodeGen())
         module.recompile()
@@ -138,8 +138,29 @@ def _check_forward(module: fx.GraphModule, analysed: AnalysedGraph, program: Pro
         raise LoweringError(f"forward graph differs from the program: missing {missing}, extra {extra}")
 
 
+def _unmade(analysed: AnalysedGraph, program: Program, choices: tuple[Choice, ...]) -> set[int]:
+    """Backward nodes the chosen variants leave empty and nothing reads (the logits'
+    gradient under a chunked attention backward): extraction drops them as dead code,
+    and skipping them changes no byte the program counts."""
+    dropped = {s for choice, k in zip(choices, program.variants, strict=False)
+               for s in choice.alternatives[k].drops}
+    empty = {i for i, n in enumerate(analysed.problem.nodes)
+             if n.phase == "backward" and n.storages and set(n.storages) <= dropped}
+    readers: dict[int, set[int]] = {}
+    for step in program.backward:
+        if step.node != RELEASE:
+            for k, _ in step.reads:
+                readers.setdefault(k, set()).add(step.node)
+    unread: set[int] = set()
+    for i in sorted(empty, reverse=True):  # readers come later: settled first
+        if readers.get(i, set()) <= unread:
+            unread.add(i)
+    return unread
+
+
 def _reorder_backward(
-    module: fx.GraphModule, analysed: AnalysedGraph, program: Program
+    module: fx.GraphModule, analysed: AnalysedGraph, program: Program,
+    choices: tuple[Choice, ...],
 ) -> fx.GraphModule:
     by_name = {n.name: n for n in module.graph.nodes}
     graph = fx.Graph()
@@ -148,6 +169,7 @@ def _reorder_backward(
         env[n] = graph.node_copy(n, lambda m: env[m])
     placed = set(env)
     order = analysed.order
+    empty = _unmade(analysed, program, choices)
     for step in program.backward:
         if step.node == RELEASE:
             values = tuple(env[by_name[order[i].name]] for i, _ in step.reads)
@@ -155,6 +177,8 @@ def _reorder_backward(
             continue
         name = order[step.node].name
         source = by_name.get(name)
+        if source is None and step.node in empty:
+            continue  # a value the chosen variant never makes, which nothing reads
         if source is None:
             raise LoweringError(f"the program runs {name} in the backward; the graph lacks it")
         missing = [m.name for m in source.all_input_nodes if m not in env]

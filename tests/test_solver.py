@@ -67,25 +67,38 @@ def brute_force_with_variants(problem: Problem, budget: int) -> float | None:
     return best
 
 
-@pytest.mark.parametrize("backend", ["cpsat", "milp"])
-@pytest.mark.parametrize("seed", range(4))
-def test_joint_variant_optimum_equals_brute_force(seed, backend):
-    problem = with_random_choices(random_problem(5, seed=seed, workspace_probability=0.3),
-                                  seed=seed)
-    assert problem.choices
+def _matches_brute_force(problem: Problem, backend: str, relaxation: bool = False) -> int:
+    """Between keep-all's peak and the least, both back ends' optimum is brute force's,
+    the bounds (and, with ``relaxation``, the relaxation's) stay below it, and every
+    schedule re-simulates to its peak; returns the least peak's budget."""
+    from monet.solver.relaxation import Relaxation
+
     high = keep_all(problem).predicted_peak
     least, lower = minimum_budget(problem, time_limit=5, backend=backend)
     low = least.budget
     assert lower <= low
+    model = Relaxation(problem) if relaxation else None
     for budget in sorted({high, (high + low) // 2, low}):
         expected = brute_force_with_variants(problem, budget)
         schedule = solve(problem, budget, time_limit=5, backend=backend)
         assert schedule.predicted_peak <= budget
         assert schedule.predicted_overhead == pytest.approx(expected, abs=1e-9)
         assert time_lower_bound(problem, budget) <= expected + 1e-12
+        if model is not None:
+            assert model.solve(budget).bound <= expected + 1e-12
         assert len(schedule.variants) == len(problem.choices)
         # The schedule runs the variants it names: its peak re-simulates.
         schedule.check_against(problem)
+    return low
+
+
+@pytest.mark.parametrize("backend", ["cpsat", "milp"])
+@pytest.mark.parametrize("seed", range(4))
+def test_joint_variant_optimum_equals_brute_force(seed, backend):
+    problem = with_random_choices(random_problem(5, seed=seed, workspace_probability=0.3),
+                                  seed=seed)
+    assert problem.choices
+    low = _matches_brute_force(problem, backend)
     assert brute_force_with_variants(problem, low - 1) is None
     with pytest.raises(InfeasibleBudgetError):
         solve(problem, low - 1, time_limit=5, backend=backend)
@@ -211,6 +224,46 @@ def test_a_forward_op_that_reads_other_values_is_modelled_exactly(seed, backend)
         assert schedule.status == "optimal"
         assert schedule.predicted_overhead == pytest.approx(expected, abs=1e-9)
         schedule.check_against(problem)
+
+
+@pytest.mark.parametrize("backend", ["cpsat", "milp"])
+@pytest.mark.parametrize("seed", range(6))
+def test_alternatives_that_move_backward_reads_are_modelled_exactly(seed, backend):
+    """Alternatives that read other backward values than the captured node (an earlier
+    gradient, held longer where picked) or never fill a backward storage (its readers
+    reading its inputs instead): both back ends, the bound and the relaxation agree with
+    brute force."""
+    problem = with_random_choices(random_problem(6, seed=seed, workspace_probability=0.3),
+                                  seed=seed, count=1, backward_moves=2)
+    names = {a.name for c in problem.choices for a in c.alternatives}
+    assert names & {"late_read", "unfilled_gradient"}
+    assert analyse(problem).exact
+    low = _matches_brute_force(problem, backend, relaxation=True)
+    assert brute_force_with_variants(problem, low - 1) is None
+
+
+def test_a_moved_read_of_a_forward_value_through_a_backward_view_is_refused():
+    """Only reads of values the backward allocates may move: a backward view of a
+    forward storage read by one alternative alone would move that storage's last read."""
+    sizes = (1, 10, 1, 1, 5, 2)
+    nodes = (
+        Node("x", "input", "input", (), (0,), (0,), recomputable=False),
+        Node("a", "op", "forward", (0,), (1,), (1,), time=1.0),
+        Node("out", "op", "forward", (1,), (2,), (2,), time=0.1, is_output=True),
+        Node("tangent", "input", "tangent", (), (3,), (3,), recomputable=False),
+        Node("view_a", "view", "backward", (1,), (1,), ()),
+        Node("grad_a", "op", "backward", (3, 1), (4,), (4,), time=1.0),
+        Node("grad_x", "op", "backward", (5,), (5,), (5,), time=1.0, is_output=True),
+    )
+    problem = Problem(nodes, sizes, structure_hash(nodes, sizes), "moved")
+
+    def reading(*inputs):
+        return Choice("grad_x", (Alternative("default"),
+                                 Alternative("moved", (Override(6, inputs, 1.0, 0),))))
+
+    replace(problem, choices=(reading(5, 3),))  # the tangent too: allowed
+    with pytest.raises(ValueError, match="hold no forward storage"):
+        replace(problem, choices=(reading(5, 4),))  # a's storage, through view_a
 
 
 def test_a_drop_read_by_another_op_is_refused():

@@ -9,20 +9,27 @@ bias_w[..., None, :]`` over the key grid, and need its gradient, which
 ``attention.backward_chunked`` recomputes each chunk of queries' probabilities
 in the backward, as flash attention does, so the backward reads ``Q``, ``Kᵀ``,
 ``V`` and the bias's factors (N·(kh + kw) values) instead of the probabilities
-and holds no N×M value whole, for one more product ``Q·Kᵀ``: the bias is rebuilt
-per chunk from its factors and its gradient reduced per chunk. With
+and holds no N×M value whole: the bias is rebuilt per chunk from its factors and
+its gradient reduced per chunk. It recomputes the probabilities twice (once for
+V's gradient, once for the rest), as the backward is three nodes (below). With
 ``attention.chunked`` the forward runs a chunk of queries at a time too, so no
 N×M value exists even there; its output rounds differently from the captured
 product's by about an ulp, so it waits for ``kernel_variants=True`` where a
 discrete op (a max-pool's argmax) lies downstream, as in MViTv2.
 
-The attention's backward is first fused into one node that runs the captured
+The attention's backward is first fused into three nodes that run the captured
 ops (:func:`fuse_attention_backwards`, bit for bit the unfused graph, the
 softmax's backward written over its incoming gradient as
-:mod:`monet.operators.inplace` writes it); the variants override it, and
-``attention.chunked`` the forward's product with ``V`` too, the forward's logits,
-bias and probabilities then holding nothing (the problem's ``drops``). Results
-equal aten's up to float rounding (products over a chunk of rows).
+:mod:`monet.operators.inplace` writes it): V's gradient, the logits' gradient,
+and the rest (the gradients of Q, Kᵀ and the bias's factors), so that the default
+frees what the captured ops free where they free it. The variants override all
+three: the first recomputes V's gradient, the second makes nothing (its storage is
+the alternative's ``drops``), the third computes the rest from the output's
+gradient, which it then reads where the captured rest reads the logits' gradient
+(a backward value read elsewhere, which the problem allows for values the
+backward allocates). ``attention.chunked`` overrides the forward's product with
+``V`` too, the forward's logits, bias and probabilities then holding nothing.
+Results equal aten's up to float rounding (products over a chunk of rows).
 """
 
 from __future__ import annotations
@@ -40,7 +47,6 @@ from monet.operators import (
     overwritable,
     same,
     skipped,
-    take,
 )
 from monet.operators.fusion import feeds_a_discrete_op, fuse, only_read_inside
 from monet.operators.inplace import write_into
@@ -182,42 +188,56 @@ def _single_user(node: fx.Node, *targets) -> fx.Node | None:
     return users[0] if len(users) == 1 and _call(users[0], *targets) else None
 
 
-def _backward(f: _Forward):
-    """(members, outputs, the output's gradient, the softmax's backward) of ``f``'s
-    backward, or None. Autograd's formulas give: ``bmm(Pᵀ, G)`` for ``V``;
+@dataclass(frozen=True)
+class _Backward:
+    """One written-out attention's backward, in the three pieces it is fused into."""
+
+    values: list[fx.Node]
+    """``bmm(Pᵀ, G)``: the gradient of V."""
+    scores: list[fx.Node]
+    """``bmm(G, Vᵀ)`` to the softmax's backward: the gradient of the logits."""
+    rest: list[fx.Node]
+    """From the logits' gradient to those of Q, Kᵀ and the bias's factors."""
+    grad_values: fx.Node
+    softmax_backward: fx.Node
+    outputs: list[fx.Node]
+    """The rest's outputs: the gradients of Q, Kᵀ[, bias_h, bias_w]."""
+    grad: fx.Node
+    """The output's gradient, G."""
+
+
+def _backward(f: _Forward) -> _Backward | None:
+    """``f``'s backward, or None. Autograd's formulas give: ``bmm(Pᵀ, G)`` for ``V``;
     ``bmm(G, Vᵀ)`` (viewed) → the softmax's backward (``S``) → viewed 3-D,
     ``bmm(S, K)`` for ``Q`` and ``bmm(Qᵀ, S)`` for ``Kᵀ``; with a bias, ``S`` viewed
-    6-D and summed over the key grid's columns for ``bias_h`` and rows for ``bias_w``.
-    The outputs: the gradients of V, Q, Kᵀ[, bias_h, bias_w]."""
+    6-D and summed over the key grid's columns for ``bias_h`` and rows for ``bias_w``."""
     detached = {f.softmax, *(u for u in f.softmax.users if _call(u, aten.detach.default))}
     backwards = [u for d in detached for u in d.users if u not in detached
                  and _call(u, aten._softmax_backward_data.default, aten.detach.default)]
-    members: list[fx.Node] = []
+    scores: list[fx.Node] = []
     while len(backwards) == 1 and _call(backwards[0], aten.detach.default):
-        members.append(backwards[0])
+        scores.append(backwards[0])
         backwards = list(backwards[0].users)
     if len(backwards) != 1 or not _call(backwards[0], aten._softmax_backward_data.default):
         return None
     softmax_backward = backwards[0]
     if softmax_backward.args[2] % 4 != 3:
         return None
-    grad_probabilities = _through_views(softmax_backward.args[0], members)
+    grad_probabilities = _through_views(softmax_backward.args[0], scores)
     if not _call(grad_probabilities, aten.bmm.default):
         return None
     grad, values_t = grad_probabilities.args
     if not _transpose_of(values_t, f.values):
         return None
-    members += [grad_probabilities, values_t]
-    grad_values = None
+    scores += [grad_probabilities, values_t, softmax_backward]
+    values = []
     for user in f.probabilities.users:
         if _transpose_of(user, f.probabilities):
             product = _single_user(user, aten.bmm.default)
             if product is not None and product.args == (user, grad):
-                grad_values = product
-                members += [user, product]
-    if grad_values is None:
+                values = [user, product]
+    if not values:
         return None
-    members.append(softmax_backward)
     flat = grid = None
     for user in softmax_backward.users:
         if _call(user, *_VIEWS) and len(_shape(user)) == 3:
@@ -226,7 +246,7 @@ def _backward(f: _Forward):
             grid = user
     if flat is None or (grid is None) != (f.bias_h is None):
         return None
-    members.append(flat)
+    rest = [flat]
     grad_queries = grad_keys_t = None
     for user in flat.users:
         if not _call(user, aten.bmm.default):
@@ -234,15 +254,15 @@ def _backward(f: _Forward):
         first, second = user.args
         if first is flat and _transpose_of(second, f.keys_t):
             grad_queries = user
-            members += [second, user]
+            rest += [second, user]
         elif second is flat and _transpose_of(first, f.queries):
             grad_keys_t = user
-            members += [first, user]
+            rest += [first, user]
     if grad_queries is None or grad_keys_t is None:
         return None
-    outputs = [grad_values, grad_queries, grad_keys_t]
+    outputs = [grad_queries, grad_keys_t]
     if grid is not None:
-        members.append(grid)
+        rest.append(grid)
         sums = {}
         for user in grid.users:
             if not (_call(user, aten.sum.dim_IntList) and len(user.args[1]) == 1
@@ -253,49 +273,54 @@ def _backward(f: _Forward):
             if axis not in (4, 5) or squeeze is None or squeeze.args[1] % 6 != axis:
                 return None
             sums[axis] = squeeze
-            members += [user, squeeze]
+            rest += [user, squeeze]
         if set(sums) != {4, 5}:
             return None
         outputs += [sums[5], sums[4]]  # bias_h sums over the key grid's columns
     if len(flat.users) != 2 or (grid is not None and len(grid.users) != 2):
         return None
-    if not only_read_inside(members, outputs):
+    if not (only_read_inside(values, [values[-1]])
+            and only_read_inside(scores, [softmax_backward])
+            and only_read_inside(rest, outputs)):
         return None
-    return members, outputs, grad, softmax_backward
+    return _Backward(values, scores, rest, values[-1], softmax_backward, outputs, grad)
 
 
 def fuse_attention_backwards(module: fx.GraphModule) -> int:
-    """Fuse every matched written-out attention's backward of a joint graph into one
-    node; returns how many. Its ``meta["monet_attention"]`` says what the chunked
+    """Fuse every matched written-out attention's backward of a joint graph into three
+    nodes (:class:`_Backward`'s pieces), in the captured order; returns how many
+    attentions. The rest's node carries ``meta["monet_attention"]``, what the chunked
     alternatives read (:func:`attention_sites`).
 
-    The output's gradient is donated to it (:func:`monet.operators.donate`) where the
-    graph allows, so it dies after its last product as in the captured graph. The
-    forward values it reads (the probabilities, V) live to its end, where the captured
-    graph frees them after the softmax's backward and ``V``'s product: the default holds
-    them over the gradients of Q and Kᵀ (MViTv2-T keeping everything: 624.2 MiB against
-    621.7; its peak, a late block's, where Kᵀ's gradient is larger than the
-    probabilities)."""
+    Three nodes, not one, so that the default frees what the captured ops free where
+    they free it: V and the probabilities die with the softmax's backward, the
+    output's gradient after its last product; only the gradients of Q and Kᵀ are made
+    before the bias factors' backward where the captured graph makes them after it."""
     graph = module.graph
     fused_count = 0
     for node in list(graph.nodes):
         f = _forward(node) if node.graph is graph else None
-        found = _backward(f) if f is not None else None
-        if found is None:
+        b = _backward(f) if f is not None else None
+        if b is None:
             continue
-        members, outputs, grad, softmax_backward = found
-        incoming = softmax_backward.args[0]
+        incoming = b.softmax_backward.args[0]
         held = incoming.meta.get("val")
         if (isinstance(held, torch.Tensor) and held.device.type == "cpu"
-                and overwritable(incoming, softmax_backward)
+                and overwritable(incoming, b.softmax_backward)
                 and len(_through_views(incoming, []).users) == 1):
             # As the in-place pass writes it unfused (its CPU kernel reads a row's sum
             # before writing the row): one N×M value fewer, bit for bit.
-            softmax_backward.args = (str(softmax_backward.target), 0, *softmax_backward.args)
-            softmax_backward.target = write_into
-        fused, boxes = fuse(graph, members, outputs, "attention_backward", donated=[grad])
-        fused.meta["monet_attention"] = {
-            "forward": f, "grad": boxes.get(grad, grad), "input_dtype": softmax_backward.args[-1],
+            b.softmax_backward.args = (str(b.softmax_backward.target), 0,
+                                       *b.softmax_backward.args)
+            b.softmax_backward.target = write_into
+        input_dtype = b.softmax_backward.args[-1]
+        values, _ = fuse(graph, b.values, [b.grad_values], "attention_values_backward")
+        scores, _ = fuse(graph, b.scores, [b.softmax_backward], "attention_scores_backward",
+                         after=[values])
+        rest, _ = fuse(graph, b.rest, b.outputs, "attention_backward", after=[scores])
+        rest.meta["monet_attention"] = {
+            "forward": f, "grad": b.grad, "values": values, "scores": scores,
+            "input_dtype": input_dtype,
         }
         fused_count += 1
     if fused_count:
@@ -355,22 +380,39 @@ def attention_forward_chunked(
     return out
 
 
+def attention_values_backward_chunked(
+    grad: torch.Tensor, queries: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor,
+    bias_h: torch.Tensor | None, bias_w: torch.Tensor | None, chunks: int | None = None,
+) -> tuple[torch.Tensor]:
+    """V's gradient, ``Σ Pᵀ·G`` over chunks of queries, each chunk's probabilities
+    recomputed (a tuple, as the fused node it replaces returns)."""
+    grad_values = None
+    for tokens, rows in _chunks(queries, keys_t.shape[2], bias_h, chunks):
+        probabilities = _probabilities(queries, keys_t, bias_h, bias_w, tokens, rows)
+        grad_values = _accumulate(grad_values, probabilities.transpose(1, 2), grad[:, tokens])
+    return (grad_values,)
+
+
+def unfilled(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor]:
+    """What the logits' gradient holds under the chunked backward: nothing (the rest's
+    variant computes it a chunk at a time itself)."""
+    return (skipped(dtype, device),)
+
+
 def attention_backward_chunked(
     grad: torch.Tensor, queries: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor,
     bias_h: torch.Tensor | None, bias_w: torch.Tensor | None,
     input_dtype: torch.dtype = torch.float32, chunks: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """The attention's backward a chunk of queries at a time, each chunk's probabilities
-    recomputed. Returns the gradients of V, Q, Kᵀ and, with a bias, of its factors."""
-    grad = take(grad)
-    grad_values = grad_keys_t = None
+    """The gradients of Q, Kᵀ and, with a bias, of its factors, a chunk of queries at a
+    time, each chunk's probabilities and their gradient recomputed."""
+    grad_keys_t = None
     grad_queries = queries.new_empty(queries.shape)
     grad_h = None if bias_h is None else bias_h.new_empty(bias_h.shape)
     grad_w = None if bias_w is None else bias_w.new_empty(bias_w.shape)
     values_t, keys = values.transpose(1, 2), keys_t.transpose(1, 2)
     for tokens, rows in _chunks(queries, keys_t.shape[2], bias_h, chunks):
         probabilities = _probabilities(queries, keys_t, bias_h, bias_w, tokens, rows)
-        grad_values = _accumulate(grad_values, probabilities.transpose(1, 2), grad[:, tokens])
         scores = aten._softmax_backward_data.default(
             torch.bmm(grad[:, tokens], values_t), probabilities, -1, input_dtype)
         del probabilities
@@ -380,7 +422,7 @@ def attention_backward_chunked(
             torch.sum(grid, 4, out=grad_w[:, :, rows])
         grad_queries[:, tokens] = torch.bmm(scores, keys)
         grad_keys_t = _accumulate(grad_keys_t, queries[:, tokens].transpose(1, 2), scores)
-    result = (grad_values, grad_queries, grad_keys_t)
+    result = (grad_queries, grad_keys_t)
     return result if bias_h is None else (*result, grad_h, grad_w)
 
 
@@ -390,11 +432,17 @@ def attention_sites(node: fx.Node) -> list[Site]:
         return []
     f: _Forward = spec["forward"]
     factors = (f.queries, f.keys_t, f.values, f.bias_h, f.bias_w)
-    backward = [Rewrite(node, attention_backward_chunked,
-                        (spec["grad"], *factors, spec["input_dtype"]))]
-    # The forward as captured: its probabilities die there unless kept for another reader.
-    alternatives = [Alternative("attention.backward_chunked", tuple(backward))]
-    allowed = {*f.unmade, f.product, node}
+    grad, scores = spec["grad"], spec["scores"]
+    held = scores.meta["val"][0]
+    backward = (
+        Rewrite(spec["values"], attention_values_backward_chunked, (grad, *factors)),
+        Rewrite(scores, unfilled, (held.dtype, held.device)),
+        Rewrite(node, attention_backward_chunked, (grad, *factors, spec["input_dtype"])),
+    )
+    # The forward as captured: its probabilities die there unless kept for another
+    # reader, and the logits' gradient is never made (``drops``).
+    alternatives = [Alternative("attention.backward_chunked", backward, drops=(scores,))]
+    allowed = {*f.unmade, f.product, spec["values"], scores}
     if all(set(n.users) <= allowed for n in f.unmade):
         forward = [Rewrite(f.product, attention_forward_chunked, factors)]
         for n in f.unmade:
@@ -407,6 +455,6 @@ def attention_sites(node: fx.Node) -> list[Site]:
         # discrete op downstream (a max-pool's argmax) could then decide otherwise.
         alternatives.append(Alternative(
             "attention.chunked", (*backward, *forward),
-            drops=tuple(r.node for r in forward if r.target is skipped),
+            drops=(scores, *(r.node for r in forward if r.target is skipped)),
             forward_rounding=feeds_a_discrete_op(f.product)))
     return [Site(node.name, tuple(alternatives))]

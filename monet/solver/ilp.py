@@ -73,7 +73,9 @@ class Structure:
     conditional_reads: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict)
     """(choice, alternative) → (decision storage, backward position) reads it adds."""
     conditional_workspace: list[tuple[int, int, int, int]] = field(default_factory=list)
-    """(choice, alternative, point, bytes): a touched node's workspace where it runs."""
+    """(choice, alternative, point, bytes): a touched node's workspace where it runs, a
+    dropped storage where the alternative fills it, and a backward storage where the
+    alternative reads it later than the others do."""
     step_delta: dict[tuple[int, int], float] = field(default_factory=dict)
     """(choice, alternative) → seconds it adds to the step's own forward and backward."""
     redo_delta: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)
@@ -133,11 +135,14 @@ def analyse(problem: Problem) -> Structure:
 
     touched = touched_nodes(problem)
 
-    # Readers, per phase.
+    # Readers, per phase. A touched backward node's reads of backward values that not
+    # every alternative makes are per alternative (``backward_reach``).
+    backward_reach = _backward_reach(problem, b_pos)
     backward_last: dict[int, int] = {}
     for i in backward:
         for k in nodes[i].inputs:
-            backward_last[k] = max(backward_last.get(k, -1), b_pos[i])
+            if not (i in touched and touched[i] in backward_reach.get(k, {})):
+                backward_last[k] = max(backward_last.get(k, -1), b_pos[i])
 
     decision = sorted(
         s for i in forward for s in nodes[i].allocates if s not in pinned
@@ -191,6 +196,9 @@ def analyse(problem: Problem) -> Structure:
         n = nodes[i]
         j = b_pos[i]
         death = n_backward - 1 if n.is_output else backward_last.get(i, j)
+        for reaches in backward_reach.get(i, {}).values():
+            # Every alternative holds it at least this long (the rest: ``backward_extra``).
+            death = max(death, min(reaches))
         for s in n.storages:
             if s in decision_set:
                 first_read[s] = min(first_read.get(s, j), j)
@@ -203,9 +211,12 @@ def analyse(problem: Problem) -> Structure:
             first_read[s] = min(first_read.get(s, j), j)
             last_read[s] = max(last_read.get(s, -1), j)
         fixed[n_forward + 2 * j + 1] += n.workspace
+    backward_extra, inexact = _backward_extra(problem, backward_reach, storage_death)
     for s, death in storage_death.items():
         born = b_pos[owner[s]]
         stop = end_point if nodes[owner[s]].is_output else n_forward + 2 * death + 1
+        if s in dropped:
+            continue  # filled only where the picked alternative fills it: below
         add(n_forward + 2 * born + 1, stop, sizes[s])
     running = 0
     for p in range(points):
@@ -245,8 +256,8 @@ def analyse(problem: Problem) -> Structure:
         first_read, last_read, recompute_reads, readers, recomputable, cost, workspace,
         # A variant's reads or dropped values in nodes the forward may skip are counted
         # as if those nodes always ran.
-        exact=not shared and not any(i not in live and i not in deferred for i in touched
-                                     if i in f_pos)
+        exact=not shared and not inexact and not any(
+            i not in live and i not in deferred for i in touched if i in f_pos)
         and not any(owner[s] in conditional_set for s in dropped),
         extensions=extensions, skippable=skippable, forced_by=forced_by,
         conditional=frozenset(conditional), optional=optional,
@@ -254,12 +265,25 @@ def analyse(problem: Problem) -> Structure:
     if problem.choices:
         _add_choices(problem, structure, owner_of, f_pos, b_pos, decision_set)
         for s, (c, dropping) in dropped.items():
-            # Filled in the forward only where the picked alternative fills it.
+            # Filled only where the picked alternative fills it.
             for k in range(len(problem.choices[c].alternatives)):
-                if k not in dropping:
-                    structure.conditional_workspace += [
-                        (c, k, p, sizes[s]) for p in range(f_pos[owner[s]], forward_death[s] + 1)
-                    ]
+                if k in dropping:
+                    continue
+                if owner[s] in f_pos:
+                    span = range(f_pos[owner[s]], forward_death[s] + 1)
+                else:
+                    last = max(storage_death[s], backward_extra.get((s, c), {}).get(k, -1))
+                    span = range(n_forward + 2 * b_pos[owner[s]] + 1, n_forward + 2 * last + 2)
+                structure.conditional_workspace += [(c, k, p, sizes[s]) for p in span]
+        for (s, c), reaches in backward_extra.items():
+            # Held past its death where the picked alternative reads it later.
+            if s in dropped:
+                continue  # counted with its fill above
+            for k, reach in reaches.items():
+                structure.conditional_workspace += [
+                    (c, k, p, sizes[s])
+                    for p in range(n_forward + 2 * storage_death[s] + 2, n_forward + 2 * reach + 2)
+                ]
         for c, choice in enumerate(problem.choices):
             for k, alternative in enumerate(choice.alternatives):
                 for a in sorted(unrecomputed_ops(problem, alternative) & recomputable):
@@ -421,6 +445,58 @@ def deferred_views(problem: Problem, forward: list[int], live: set[int] | None =
                for d in readers.get(i, ())):
             result.add(i)
     return result
+
+
+def _backward_reach(problem: Problem, b_pos: dict[int, int]) -> dict[int, dict[int, list[int]]]:
+    """Backward value → choice → the last backward position at which each alternative
+    reads it (-1: none), for the values a choice's alternatives read at different places
+    (an alternative that reads another gradient than the captured node)."""
+    nodes = problem.nodes
+    result: dict[int, dict[int, list[int]]] = {}
+    for c, choice in enumerate(problem.choices):
+        per_alternative = alternative_nodes(problem, choice)
+        inside = [i for i in per_alternative[0] if i in b_pos]
+        if not inside:
+            continue
+        last: list[dict[int, int]] = [{} for _ in per_alternative]
+        for k, effective in enumerate(per_alternative):
+            for i in inside:
+                for v in effective[i].inputs:
+                    if nodes[v].phase == "backward":
+                        last[k][v] = max(last[k].get(v, -1), b_pos[i])
+        for v in set().union(*last):
+            reaches = [reads.get(v, -1) for reads in last]
+            if len(set(reaches)) > 1:
+                result.setdefault(v, {})[c] = reaches
+    return result
+
+
+def _backward_extra(problem: Problem, backward_reach, storage_death: dict[int, int]):
+    """(storage, choice) → {alternative: last backward position} where that alternative
+    holds a backward storage past ``storage_death`` (its reads of it come later), and
+    whether two choices extend one storage (each is then held to the furthest reach in
+    ``storage_death`` itself, and the model over-counts)."""
+    nodes = problem.nodes
+    by_storage: dict[int, dict[int, list[int]]] = {}
+    for v, by_choice in backward_reach.items():
+        for s in nodes[v].storages:
+            if s not in storage_death:
+                continue  # a tangent's or an input's: live through the backward anyway
+            for c, reaches in by_choice.items():
+                held = by_storage.setdefault(s, {}).setdefault(c, [-1] * len(reaches))
+                by_storage[s][c] = [max(a, b) for a, b in zip(held, reaches, strict=True)]
+    extra: dict[tuple[int, int], dict[int, int]] = {}
+    inexact = False
+    for s, by_choice in by_storage.items():
+        if len(by_choice) > 1:
+            inexact = True
+            storage_death[s] = max(storage_death[s], *(r for rs in by_choice.values() for r in rs))
+            continue
+        ((c, reaches),) = by_choice.items()
+        later = {k: r for k, r in enumerate(reaches) if r > storage_death[s]}
+        if later:
+            extra[(s, c)] = later
+    return extra, inexact
 
 
 def dropped_storages(problem: Problem) -> dict[int, tuple[int, set[int]]]:

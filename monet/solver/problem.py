@@ -80,9 +80,10 @@ class Alternative:
     lossy: bool = False
     """Changes results beyond float rounding; only offered when the user asks."""
     drops: tuple[int, ...] = ()
-    """Forward storages this alternative never fills (a forward-chunked MLP's hidden
-    values): they hold no bytes, nothing but the allocating op's own views reads
-    them, and that op is not recomputed (its outputs are the variant's)."""
+    """Storages this alternative never fills (a forward-chunked MLP's hidden values; a
+    gradient a backward variant computes otherwise): they hold no bytes, nothing but
+    the allocating op's own views reads them, and a forward op among those is not
+    recomputed (its outputs are the variant's)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Choice:
 
     ``alternatives[0]`` is the graph as captured (no overrides). Every other
     alternative overrides some nodes' reads, time and workspace, and may leave
-    some forward storages empty (``drops``); it never adds a storage, so memory
+    some storages empty (``drops``); it never adds a storage, so memory
     stays counted by the same storages.
     """
 
@@ -223,7 +224,7 @@ def unrecomputed_ops(problem: Problem, alternative: Alternative) -> set[int]:
     those whose forward node it makes read other values (recomputing one would
     need the reads of the alternative; the program gives it none)."""
     owner = problem.storage_owner()
-    ops = {owner[s] for s in alternative.drops}
+    ops = {owner[s] for s in alternative.drops if problem.nodes[owner[s]].phase == "forward"}
     for o in alternative.overrides:
         n = problem.nodes[o.node]
         if n.phase == "forward" and set(o.inputs) != set(n.inputs):
@@ -381,8 +382,11 @@ def _validate_choices(problem: Problem, dying: dict[int, set[int]]) -> None:
     """Alternatives may change what a node reads, never what it allocates or aliases.
 
     A node may read other forward or input values (a forward one then holds
-    them longer, and its op is not recomputed under that alternative), but the
-    same backward values (so the backward's own storages die where they did).
+    them longer, and its op is not recomputed under that alternative), and other
+    backward values where those hold only storages the backward or a tangent
+    allocates (the models then hold them to the alternative's last read; a backward
+    view of a forward storage would move that storage's last read, which they do not
+    model per alternative).
     """
     nodes = problem.nodes
     claimed: dict[int, int] = {}
@@ -411,8 +415,11 @@ def _validate_choices(problem: Problem, dying: dict[int, set[int]]) -> None:
                 _check_workspace(problem, dying, o.node, o.workspace, f"{at}: workspace")
                 if any(not 0 <= j < o.node for j in o.inputs):
                     raise ValueError(f"{at}.inputs must be earlier nodes")
-                if _backward_reads(nodes, o.inputs) != _backward_reads(nodes, n.inputs):
-                    raise ValueError(f"{at}: a variant must read the same backward values")
+                moved = _backward_reads(nodes, o.inputs) ^ _backward_reads(nodes, n.inputs)
+                if any(not _backward_only(problem, j) for j in moved):
+                    raise ValueError(
+                        f"{at}: a variant may read other backward values than the captured "
+                        "node only where they hold no forward storage")
                 held = {s for j in o.inputs for s in nodes[j].storages}
                 if not set(n.storages) - set(n.allocates) - set(alternative.drops) <= held:
                     raise ValueError(f"{at}: the node aliases a storage its new inputs lack")
@@ -435,9 +442,10 @@ def _validate_choices(problem: Problem, dying: dict[int, set[int]]) -> None:
 
 
 def _validate_drops(problem: Problem, at: str, alternative: Alternative) -> None:
-    """A dropped storage is a forward op's own, read (under this alternative) by no node
-    but that op's views (and theirs) and values dropped themselves: an empty tensor
-    never reaches a kernel that needs its elements."""
+    """A dropped storage is the own of an op this alternative overrides (forward or
+    backward), read (under this alternative) by no node but that op's views (and
+    theirs) and values dropped themselves: an empty tensor never reaches a kernel that
+    needs its elements."""
     nodes = problem.nodes
     owner = problem.storage_owner()
     overridden = {o.node: o for o in alternative.overrides}
@@ -448,10 +456,10 @@ def _validate_drops(problem: Problem, at: str, alternative: Alternative) -> None
         if not (_is_int(s) and s in owner):
             raise ValueError(f"{at}.drops: {s!r} is not an allocated storage")
         a = owner[s]
-        if nodes[a].phase != "forward" or a not in overridden:
+        if nodes[a].phase not in ("forward", "backward") or a not in overridden:
             raise ValueError(
-                f"{at}.drops: storage {s} must be allocated by a forward node this "
-                "alternative overrides"
+                f"{at}.drops: storage {s} must be allocated by a node this alternative "
+                "overrides"
             )
     views = {owner[s] for s in dropped}  # the ops and the views that hold an empty value
     for i, n in enumerate(nodes):
@@ -472,6 +480,14 @@ def _validate_drops(problem: Problem, at: str, alternative: Alternative) -> None
 
 def _backward_reads(nodes: tuple[Node, ...], inputs: tuple[int, ...]) -> set[int]:
     return {j for j in inputs if nodes[j].phase in ("backward", "tangent")}
+
+
+def _backward_only(problem: Problem, j: int) -> bool:
+    """Whether node ``j``'s value holds only storages the backward or a tangent allocates
+    (reading it longer or not at all moves no forward storage's last read)."""
+    owner = problem.storage_owner()
+    return all(problem.nodes[owner[s]].phase in ("backward", "tangent")
+               for s in problem.nodes[j].storages)
 
 
 def _node_to_json(n: Node) -> dict[str, Any]:

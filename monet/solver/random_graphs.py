@@ -92,7 +92,7 @@ def random_problem(
 
 
 def with_random_choices(problem: Problem, seed: int = 0, count: int = 3,
-                        in_place: int = 0) -> Problem:
+                        in_place: int = 0, backward_moves: int = 0) -> Problem:
     """``problem`` with up to ``count`` operator choices, shaped like monet's variants.
 
     A backward node that reads a forward op's input gets an alternative that
@@ -103,7 +103,11 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3,
     a forward op gets a faster or slower implementation with a workspace (as
     convolution algorithms do). With ``in_place``, up to that many more backward
     nodes get an alternative that writes its output over storages dying with it
-    (a negative workspace, as an in-place batch-norm backward).
+    (a negative workspace, as an in-place batch-norm backward). With
+    ``backward_moves``, up to that many more alternatives change which backward values
+    the backward reads: a backward node that never fills its storage, its readers
+    reading its inputs instead, or one that reads an earlier gradient too (as a fused
+    MLP or attention backward split where its variant computes another way).
     """
     rng = random.Random(seed)
     nodes = problem.nodes
@@ -166,6 +170,49 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3,
         ))
         sites.append(Choice(n.name, (Alternative("default"), alternative)))
         in_place -= 1
+    owner = problem.storage_owner()
+
+    def backward_only(j: int) -> bool:
+        return nodes[j].phase == "backward" and all(
+            nodes[owner[t]].phase == "backward" for t in nodes[j].storages)
+
+    held: set[int] = set()  # storages whose reads a choice moves: one choice each (exact)
+    for b in backward:
+        if backward_moves <= 0:
+            break
+        n = nodes[b]
+        if b in claimed or any(c.name == n.name for c in sites):
+            continue
+        readers = [r for r, m in enumerate(nodes) if b in m.inputs]
+        moved = [j for j in n.inputs if nodes[j].phase == "backward"]
+        touching = {t for j in (*moved, b) for t in nodes[j].storages}
+        if (n.allocates and not n.is_output and readers and not claimed & set(readers)
+                and not touching & held
+                and all(backward_only(j) for j in moved) and n.storages == n.allocates
+                and all(not nodes[r].is_output and nodes[r].phase == "backward"
+                        for r in readers)):
+            # Never filled: its readers read its inputs instead.
+            overrides = [Override(b, (), 0.0, 0)]
+            overrides += [Override(r, tuple(dict.fromkeys(
+                k for j in nodes[r].inputs for k in ((*n.inputs,) if j == b else (j,)))),
+                nodes[r].time + n.time * rng.uniform(0.8, 1.5), rng.choice((0, 1024)))
+                for r in readers]
+            alternative = Alternative("unfilled_gradient", tuple(overrides), drops=n.allocates)
+            claimed.update(o.node for o in overrides)
+            held |= touching
+        else:
+            earlier = [j for j in backward if j < b and backward_only(j) and j not in n.inputs
+                       and not set(nodes[j].storages) & held]
+            if not earlier or b in claimed:
+                continue
+            extra = rng.choice(earlier)
+            alternative = Alternative("late_read", (
+                Override(b, (*n.inputs, extra), n.time * rng.uniform(0.6, 1.2),
+                         rng.choice((0, 1024))),))
+            claimed.add(b)
+            held |= set(nodes[extra].storages)
+        sites.append(Choice(n.name, (Alternative("default"), alternative)))
+        backward_moves -= 1
     choices = tuple(sites)
     return Problem(nodes, problem.storage_bytes,
                    structure_hash(nodes, problem.storage_bytes, choices),

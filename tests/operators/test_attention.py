@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monet.operators.attention import attention_backward_chunked, attention_forward_chunked
+from monet.operators.attention import (
+    attention_backward_chunked,
+    attention_forward_chunked,
+    attention_values_backward_chunked,
+)
 
 
 def _reference(queries, keys_t, values, bias_h, bias_w):
@@ -52,8 +56,12 @@ def test_chunked_attention_matches_the_written_out_ops(shape, with_bias, chunks)
 
     with torch.no_grad():
         chunked = attention_forward_chunked(queries, keys_t, values, bias_h, bias_w, chunks)
-        grads = attention_backward_chunked(grad.clone(), queries, keys_t, values, bias_h,
-                                           bias_w, torch.float32, chunks)
+        grads = (
+            *attention_values_backward_chunked(grad, queries, keys_t, values, bias_h, bias_w,
+                                               chunks),
+            *attention_backward_chunked(grad, queries, keys_t, values, bias_h, bias_w,
+                                        torch.float32, chunks),
+        )
     torch.testing.assert_close(chunked, out, rtol=1e-5, atol=1e-6)
     assert len(grads) == len(expected)
     for actual, wanted in zip(grads, expected, strict=True):
