@@ -452,6 +452,7 @@ def _backward_reach(problem: Problem, b_pos: dict[int, int]) -> dict[int, dict[i
     reads it (-1: none), for the values a choice's alternatives read at different places
     (an alternative that reads another gradient than the captured node)."""
     nodes = problem.nodes
+    owner = problem.storage_owner()
     result: dict[int, dict[int, list[int]]] = {}
     for c, choice in enumerate(problem.choices):
         per_alternative = alternative_nodes(problem, choice)
@@ -462,7 +463,10 @@ def _backward_reach(problem: Problem, b_pos: dict[int, int]) -> dict[int, dict[i
         for k, effective in enumerate(per_alternative):
             for i in inside:
                 for v in effective[i].inputs:
-                    if nodes[v].phase == "backward":
+                    # A backward view of a forward storage is read alike by every
+                    # alternative (the problem's validation): its reads stay common.
+                    if nodes[v].phase == "backward" and all(
+                            nodes[owner[s]].phase == "backward" for s in nodes[v].storages):
                         last[k][v] = max(last[k].get(v, -1), b_pos[i])
         for v in set().union(*last):
             reaches = [reads.get(v, -1) for reads in last]
