@@ -725,3 +725,54 @@ def test_chunked_attention_forward_waits_for_kernel_variants_before_a_max_pool()
         assert names.count("attention.backward_chunked") == 5
         offered.append(names.count("attention.chunked"))
     assert offered == [1, 5]
+
+
+class _HeadsAttention(torch.nn.Module):
+    """A pre-norm block with multi-head attention written out, no bias (as timm's
+    ``Attention`` without its fused kernel)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(
+            batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = (q * (width // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        out = logits.softmax(dim=-1) @ v
+        return x + self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+@pytest.mark.parametrize("variant", ["attention.backward_chunked", "attention.chunked"])
+def test_chunked_attention_without_a_bias_runs_end_to_end(variant, tmp_path):
+    """Written-out multi-head attention without a bias: matched, fused bit for bit, and
+    each chunked variant runs from a schedule file with the step equal to eager's and the
+    measured peak the predicted one."""
+    from monet.operators.attention import fuse_attention_backwards
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(_HeadsAttention(), _HeadsAttention())
+        return model, copy.deepcopy(model), torch.randn(3, 13, 16, requires_grad=True)
+
+    model, _, x = build()
+    assert _fused_step_is_the_captured_one(model, x, fuse_attention_backwards) == 2
+    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=2,
+                             attention_variants=True).last_plan.problem
+    picked = tuple(next((k for k, a in enumerate(c.alternatives) if a.name == variant), 0)
+                   for c in problem.choices)
+    assert sum(map(bool, picked)) == 2
+    schedule = keep_all(problem, picked)
+    path = tmp_path / "attention.json"
+    schedule.save(path)
+    model, reference, x = build()
+    optimized = monet.optimize(model, schedule.predicted_peak, (x,), schedule=str(path),
+                               timing_repeats=0, attention_variants=True)
+    report = optimized.report()
+    assert set(report.variants.values()) == {variant}
+    assert report.measured_peak == schedule.predicted_peak
+    assert_same_step(optimized, model, reference, x, {"rtol": 1e-4, "atol": 1e-5})
