@@ -31,8 +31,9 @@ class Config:
     """Also offer other kernels for forward ops (e.g. convolution without oneDNN): their
     rounding differs from eager's, which can flip a max-pool's argmax downstream."""
     attention_variants: bool = False
-    """Also offer the chunked written-out attention (``monet.operators.attention``).
-    Off until measured beside checkpointing alone: on MViTv2-T it lowers the least peak
-    and most solves' added time, but not all (the README's limits)."""
+    """Also offer the chunked written-out attention (``monet.operators.attention``). Off
+    by default for now: on MViTv2-T it lowers the least peak and, measured, is no slower
+    than checkpointing alone, but the solver's 10 s search with its choices is not yet
+    better at every budget than without them (the README's limits)."""
     check_simulation: bool = True
     """Simulate the lowered graphs and require the solver's predicted peak exactly."""
