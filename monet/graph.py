@@ -169,17 +169,20 @@ def analyse(
         )
     frozen = tuple(nodes)
     problem = Problem(frozen, tuple(sizes), structure_hash(frozen, tuple(sizes)))
-    problem, in_place = _written_in_place(problem, index, in_place)
-    return AnalysedGraph(joint, order, index, problem, mutated, _sound(sites, problem, index),
-                         in_place)
+    # What the variants read counts too: an alternative may read a gradient later.
+    variant_reads = [(index[r.node], [index[n] for n in r.inputs()])
+                     for site in sites for a in site.alternatives for r in a.rewrites]
+    problem, in_place = _written_in_place(problem, index, in_place, variant_reads)
+    return AnalysedGraph(joint, order, index, problem, mutated,
+                         _sound(sites, problem, index, variant_reads), in_place)
 
 
-def _written_in_place(problem: Problem, index: dict[fx.Node, int], rewrites: list[Rewrite]
-                      ) -> tuple[Problem, list[Rewrite]]:
+def _written_in_place(problem: Problem, index: dict[fx.Node, int], rewrites: list[Rewrite],
+                      variant_reads) -> tuple[Problem, list[Rewrite]]:
     """The problem with each sound in-place rewrite's output counted in the storage it
     overwrites (which dies there, in every schedule), and those rewrites."""
     nodes, sizes = problem.nodes, problem.storage_bytes
-    dying = dying_reads(problem)
+    dying = dying_reads(problem, variant_reads)
     into: dict[int, int] = {}  # a node's own storage → the storage it writes over
 
     def resolve(s: int) -> int:
@@ -212,10 +215,12 @@ def _written_in_place(problem: Problem, index: dict[fx.Node, int], rewrites: lis
     return Problem(frozen, fewer, structure_hash(frozen, fewer)), kept
 
 
-def _sound(sites: list[Site], problem: Problem, index: dict[fx.Node, int]) -> list[Site]:
+def _sound(sites: list[Site], problem: Problem, index: dict[fx.Node, int],
+           variant_reads) -> list[Site]:
     """The sites without in-place alternatives whose overwritten value outlives the node
-    (another value shares its storage and is read later, or an output holds it)."""
-    dying = dying_reads(problem)
+    (another value shares its storage and is read later, by the graph or by a variant,
+    or an output holds it)."""
+    dying = dying_reads(problem, variant_reads)
 
     def sound(alternative) -> bool:
         return all(

@@ -266,6 +266,56 @@ def test_a_moved_read_of_a_forward_value_through_a_backward_view_is_refused():
         replace(problem, choices=(reading(5, 4),))  # a's storage, through view_a
 
 
+def _gradient_chain(m_holds_tangent: bool = False) -> Problem:
+    """out → tangent → g → p → r: g dies at p as captured; with ``m_holds_tangent``, p
+    is a value holding the tangent's storage and one of its own."""
+    sizes = (1, 1, 4, 8, 8, 2)
+    p = (Node("p", "op", "backward", (3, 2), (2, 4), (4,), time=1.0) if m_holds_tangent
+         else Node("p", "op", "backward", (3,), (4,), (4,), time=1.0))
+    nodes = (
+        Node("x", "input", "input", (), (0,), (0,), recomputable=False),
+        Node("out", "op", "forward", (0,), (1,), (1,), time=0.1, is_output=True),
+        Node("tangent", "input", "tangent", (), (2,), (2,), recomputable=False),
+        Node("g", "op", "backward", (2,), (3,), (3,), time=1.0),
+        p,
+        Node("r", "op", "backward", (4,), (5,), (5,), time=1.0, is_output=True),
+    )
+    return Problem(nodes, sizes, structure_hash(nodes, sizes), "chain")
+
+
+def test_an_in_place_write_over_a_gradient_another_choice_reads_later_is_refused():
+    """p may write over g only where g dies at p under every alternative: a choice whose
+    alternative makes r read g too leaves p's negative workspace unsound."""
+    problem = _gradient_chain()
+    in_place = Choice("p", (Alternative("default"),
+                            Alternative("in_place", (Override(4, (3,), 1.0, -8),))))
+    late = Choice("r", (Alternative("default"),
+                        Alternative("late_read", (Override(5, (4, 3), 1.0, 0),))))
+    replace(problem, choices=(in_place,))  # alone: g dies at p
+    replace(problem, choices=(late,))
+    with pytest.raises(ValueError, match="writes over storages dying with it"):
+        replace(problem, choices=(in_place, late))
+
+
+def test_a_moved_read_of_a_value_holding_a_tangent_is_held_where_picked():
+    """A value holding the tangent's storage and one of its own, read later by an
+    alternative: its own storage is held to that read where the alternative is picked."""
+    problem = _gradient_chain(m_holds_tangent=True)
+    late = Choice("r", (Alternative("default"),
+                        Alternative("late_read", (Override(5, (4, 3), 1.0, 0),))))
+    moved = replace(problem, choices=(late,))
+    structure = analyse(moved)
+    assert structure.exact
+    assert {(c, k) for c, k, _, _ in structure.conditional_workspace} >= {(0, 1)}
+    for variants in ((0,), (1,)):
+        applied = analyse(moved.apply(variants))
+        counted = list(structure.fixed)
+        for c, k, point, amount in structure.conditional_workspace:
+            if variants[c] == k:
+                counted[point] += amount
+        assert counted == applied.fixed
+
+
 def test_a_drop_read_by_another_op_is_refused():
     problem = with_random_choices(random_problem(6, seed=4, workspace_probability=0.3), seed=4)
     c, choice = next((c, ch) for c, ch in enumerate(problem.choices)

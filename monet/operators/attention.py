@@ -244,8 +244,9 @@ def _backward(f: _Forward) -> _Backward | None:
             flat = user
         elif _call(user, *_VIEWS) and len(_shape(user)) == 6:
             grid = user
-    if flat is None or (grid is None) != (f.bias_h is None):
-        return None
+    if (flat is None or (grid is None) != (f.bias_h is None)
+            or len(softmax_backward.users) != 1 + (grid is not None)):
+        return None  # another reader would be handed the variants' empty value
     rest = [flat]
     grad_queries = grad_keys_t = None
     for user in flat.users:

@@ -466,7 +466,8 @@ def _backward_reach(problem: Problem, b_pos: dict[int, int]) -> dict[int, dict[i
                     # A backward view of a forward storage is read alike by every
                     # alternative (the problem's validation): its reads stay common.
                     if nodes[v].phase == "backward" and all(
-                            nodes[owner[s]].phase == "backward" for s in nodes[v].storages):
+                            nodes[owner[s]].phase in ("backward", "tangent")
+                            for s in nodes[v].storages):
                         last[k][v] = max(last[k].get(v, -1), b_pos[i])
         for v in set().union(*last):
             reaches = [reads.get(v, -1) for reads in last]

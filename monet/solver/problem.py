@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -342,19 +343,27 @@ def validate(problem: Problem) -> None:
     _validate_choices(problem, dying)
 
 
-def dying_reads(problem: Problem) -> dict[int, set[int]]:
+def dying_reads(problem: Problem, more_reads: Iterable[tuple[int, Iterable[int]]] = ()
+                ) -> dict[int, set[int]]:
     """Per backward node, the backward storages it reads that die with it: no later node
-    reads them and no output holds them, whatever the schedule (variants read the same
-    backward values). An in-place op may write its output over these."""
+    reads them, under any alternative (an alternative may read a gradient later than
+    the captured node), and no output holds them, whatever the schedule. An in-place op
+    may write its output over these. ``more_reads`` are (node, inputs) reads beyond
+    the problem's own (a graph's variant rewrites, before the problem has choices)."""
     nodes = problem.nodes
     last: dict[int, int] = {}
     held: set[int] = set()
+    reads = [(i, n.inputs) for i, n in enumerate(nodes)]
+    reads += [(o.node, o.inputs) for choice in problem.choices
+              for alternative in choice.alternatives for o in alternative.overrides]
+    reads += list(more_reads)
     for i, n in enumerate(nodes):
         if n.phase != "backward" or n.is_output:
             held.update(n.storages)
-        for j in n.inputs:
+    for i, inputs in reads:
+        for j in inputs:
             for s in nodes[j].storages:
-                last[s] = i
+                last[s] = max(last.get(s, -1), i)
     dying: dict[int, set[int]] = {}
     for s, i in last.items():
         if s not in held:

@@ -157,6 +157,7 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3,
         ))
         sites.append(Choice(n.name, (Alternative("default"), alternative)))
     dying = dying_reads(problem)
+    held: set[int] = set()  # storages an in-place write or a moved read claims (exact)
     for i in backward:
         if in_place <= 0:
             break
@@ -169,6 +170,7 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3,
             Override(i, n.inputs, n.time * rng.uniform(0.6, 1.4), -reusable),
         ))
         sites.append(Choice(n.name, (Alternative("default"), alternative)))
+        held |= dying.get(i, set())
         in_place -= 1
     owner = problem.storage_owner()
 
@@ -176,7 +178,6 @@ def with_random_choices(problem: Problem, seed: int = 0, count: int = 3,
         return nodes[j].phase == "backward" and all(
             nodes[owner[t]].phase == "backward" for t in nodes[j].storages)
 
-    held: set[int] = set()  # storages whose reads a choice moves: one choice each (exact)
     for b in backward:
         if backward_moves <= 0:
             break
