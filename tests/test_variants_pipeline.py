@@ -456,8 +456,8 @@ def test_pointwise_backwards_write_over_dying_gradients(name, monkeypatch):
         node, host = (problem.nodes[analysed.index[n]] for n in (rewrite.node, rewrite.overwrites))
         assert node.phase == host.phase == "backward"
         assert not node.allocates and node.storages == host.storages
-    monkeypatch.setattr("monet.graph._written_in_place", lambda problem, index, rewrites:
-                        (problem, []))
+    monkeypatch.setattr("monet.graph._written_in_place",
+                        lambda problem, index, rewrites, variant_reads: (problem, []))
     separate = analyse(capture(model, x)).problem
     assert len(problem.storage_bytes) == len(separate.storage_bytes) - len(analysed.in_place)
     assert keep_all(problem).predicted_peak <= keep_all(separate).predicted_peak

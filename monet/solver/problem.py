@@ -357,6 +357,9 @@ def dying_reads(problem: Problem, more_reads: Iterable[tuple[int, Iterable[int]]
     reads += [(o.node, o.inputs) for choice in problem.choices
               for alternative in choice.alternatives for o in alternative.overrides]
     reads += list(more_reads)
+    # An override naming no such node is refused by the validation that follows, by field.
+    reads = [(i, inputs) for i, inputs in reads
+             if 0 <= i < len(nodes) and all(0 <= j < len(nodes) for j in inputs)]
     for i, n in enumerate(nodes):
         if n.phase != "backward" or n.is_output:
             held.update(n.storages)
