@@ -84,9 +84,9 @@ def analyse(
 ) -> AnalysedGraph:
     """Phases, storages and flags of every node of ``joint``, and its variant sites.
 
-    With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's backward;
-    with ``attention``, a written-out attention's) are first fused into one node each, in
-    ``joint`` itself; that node runs the captured ops, so the default step is unchanged;
+    With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's backward
+    into one node; with ``attention``, a written-out attention's into three) are first
+    fused, in ``joint`` itself; those nodes run the captured ops, so the default step is unchanged;
     and a max-pool's backward reads no pool input (:mod:`monet.operators.pooling`), bit
     for bit the same.
     """
