@@ -363,6 +363,20 @@ def test_optimum_equals_brute_force(seed, backend):
     assert f"{low} bytes" in str(error.value)
 
 
+def test_a_problem_without_a_backward_is_solved():
+    """A forward alone (a truncated problem file that still loads) keeps nothing and
+    recomputes nothing: its least peak is keep-everything's, and a lower budget is
+    refused with it (the relaxation once counted a kept storage past the last point)."""
+    full = random_problem(8, seed=0)
+    nodes = tuple(n for n in full.nodes if n.phase in ("input", "forward", "tangent"))
+    problem = Problem(nodes, full.storage_bytes, structure_hash(nodes, full.storage_bytes),
+                      "forward")
+    peak = keep_all(problem).predicted_peak
+    assert solve(problem, peak, time_limit=1).predicted_peak == peak
+    with pytest.raises(InfeasibleBudgetError) as error:
+        solve(problem, peak * 7 // 10, time_limit=1)
+    assert error.value.minimum == peak
+
 def test_large_problem_returns_within_time_limit():
     problem = random_problem(300, seed=7)
     assert len(problem.nodes) >= 500

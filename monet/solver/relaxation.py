@@ -221,7 +221,8 @@ class Relaxation:
                 # earliest of them. Read by every alternative of a choice (a
                 # convolution's input, whichever kernel runs): at least until the
                 # earliest of those, whatever else reads it.
-                until = n_forward if s in st.readers else -1
+                # (No backward, no recomputation: nothing is kept.)
+                until = n_forward if s in st.readers and st.backward else -1
                 firsts = first_reads.get(s, {})
                 if firsts and s not in st.readers:
                     until = n_forward + 2 * min(firsts.values()) - 1
