@@ -474,8 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("-o", "--output", type=Path, required=True, help="problem JSON to write")
     profile.add_argument("--lossy-variants", action="store_true",
                          help="also offer lossy variants (activations kept in bfloat16)")
-    profile.add_argument("--attention-variants", action="store_true",
-                         help="also offer the chunked written-out attention (MViTv2)")
+    profile.add_argument("--attention-variants", action=argparse.BooleanOptionalAction,
+                         default=True,
+                         help="offer the chunked written-out attention (MViTv2; default: on)")
     profile.add_argument("-v", "--verbose", action="store_true", help="show profiling progress")
     profile.set_defaults(run=cmd_profile)
 

@@ -80,7 +80,7 @@ def has_side_effects(node: fx.Node) -> bool:
 
 def analyse(
     joint: JointGraph, variants: bool = True, lossy: bool = False, forward_kernels: bool = False,
-    attention: bool = False,
+    attention: bool = True,
 ) -> AnalysedGraph:
     """Phases, storages and flags of every node of ``joint``, and its variant sites.
 

@@ -703,12 +703,17 @@ def test_chunked_attention_runs_end_to_end(variant, kernel_variants, tmp_path):
     assert_same_step(optimized, model, reference, x, {"rtol": 1e-4, "atol": 1e-5})
 
 
-def test_attention_variants_are_opt_in():
-    """Without ``attention_variants`` no attention's backward is fused or offered."""
-    model, _, x = _mvit()
-    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=2).last_plan.problem
-    assert not any(n.op == "attention_backward" for n in problem.nodes)
-    assert not any("attention" in a.name for c in problem.choices for a in c.alternatives)
+def test_attention_variants_are_offered_by_default_and_can_be_turned_off():
+    """By default the attention's backward is fused and its variants offered; with
+    ``attention_variants=False`` no attention's backward is fused or offered."""
+    for on in (True, False):
+        model, _, x = _mvit()
+        options = {} if on else {"attention_variants": False}
+        problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=2,
+                                 **options).last_plan.problem
+        assert any(n.op == "attention_backward" for n in problem.nodes) == on
+        assert any("attention" in a.name
+                   for c in problem.choices for a in c.alternatives) == on
 
 
 def test_chunked_attention_forward_waits_for_kernel_variants_before_a_max_pool():
