@@ -5,10 +5,7 @@ the example inputs; random tangents), freeing each value after its last use.
 A node whose (op, shapes, strides, dtypes, device, threads) was measured
 before takes its figures from the on-disk cache; any other is timed warm, as
 the median of a few repeats, and its workspace (the bytes it allocates beyond
-its outputs while it runs) is read from the profiler's allocator events. A
-node given a donated input (``monet.operators.donate``) runs last at its
-position, with the graph's reference let go, so its workspace counts the input
-freed inside it (below zero when that input outweighs what it adds).
+its outputs while it runs) is read from the profiler's allocator events.
 """
 
 from __future__ import annotations
@@ -29,11 +26,10 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from monet.graph import AnalysedGraph
 from monet.measure import quiet_profiler
-from monet.operators import Donated, Rewrite, VariantRefused
+from monet.operators import Rewrite, VariantRefused
 from monet.solver.problem import (
     Alternative,
     Choice,
@@ -333,24 +329,12 @@ def _execute(
             del env[node]
 
 
-def _fresh(args: tuple) -> tuple:
-    """``args`` with each donated list copied: a call that empties its copy leaves the
-    graph's own for the next call (timing repeats, the variants)."""
-    return tuple(Donated(v) if isinstance(v, Donated) else v for v in args)
-
-
-def _donated_storages(args: tuple) -> list[tuple[StorageWeakRef, int]]:
-    return [(StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
-            for v in args if isinstance(v, Donated) for t in v]
-
-
 def _time(target, args, kwargs, device, repeats: int) -> float:
     samples = []
     for _ in range(repeats):
-        copies = _fresh(args)
         _synchronize(device)
         start = time.perf_counter()
-        target(*copies, **kwargs)
+        target(*args, **kwargs)
         _synchronize(device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
@@ -378,13 +362,13 @@ def _timing_pass(analysed, primals, device, cache, repeats, progress, runs):
     def visit(i: int, node: fx.Node, args: Any, kwargs: Any, env) -> Any:
         if bar is not None:
             bar.update(1)
-        value = node.target(*_fresh(args), **kwargs)
+        value = node.target(*args, **kwargs)
         if _is_free(node):
             return value
         measure(i, node, node.target, args, kwargs)
 
         def each(key, target, v_args, v_kwargs, reset) -> None:
-            target(*_fresh(v_args), **v_kwargs)  # warm, and refuses inputs it cannot take
+            target(*v_args, **v_kwargs)  # warm, and refuses inputs it cannot take
             before = reset or (lambda: None)
             variant_key = signature(node, v_args, v_kwargs, device, target)
             keys[key] = variant_key
@@ -423,26 +407,20 @@ def _workspace_pass(analysed, primals, device, wanted: set, runs, refused) -> di
     from torch.profiler import profile as torch_profile
 
     labels: list[Any] = []
-    freed: dict[Any, int] = {}
 
-    def run(key: Any, target, args: Any, kwargs: Any, reset=None, own=False) -> Any:
+    def run(key: Any, target, args: Any, kwargs: Any, reset=None) -> Any:
         if reset is not None:
             reset()  # the timing pass left its scratch copy overwritten
-        if not own:
-            args = _fresh(args)
         if key not in wanted:
             return target(*args, **kwargs)
-        donated = _donated_storages(args)
         labels.append(key)
         with record_function(f"monet::node{len(labels) - 1}"):
-            value = target(*args, **kwargs)
-        freed[key] = sum(size for ref, size in donated if ref.expired())
-        return value
+            return target(*args, **kwargs)
 
     def visit(i: int, node: fx.Node, args: Any, kwargs: Any, env) -> Any:
-        # The variants first: the node itself may free what they read.
+        # The variants first: the node itself may write over what they read.
         _run_variants(i, runs, env, refused, run)
-        return run(i, node.target, args, kwargs, own=True)
+        return run(i, node.target, args, kwargs)
 
     with quiet_profiler(), torch_profile(
         activities=[ProfilerActivity.CPU], profile_memory=True
@@ -470,45 +448,37 @@ def _workspace_pass(analysed, primals, device, wanted: set, runs, refused) -> di
             peak = max(peak, level)
             k += 1
         key = labels[i]
-        result[key] = _workspace(peak, level, freed.get(key, 0))
+        result[key] = _workspace(peak, level)
     return result
 
 
-def _workspace(peak: int, level: int, freed: int) -> int:
+def _workspace(peak: int, level: int) -> int:
     """Bytes a node needs beyond its outputs, from its allocations' peak and final level
-    (relative to its start) and the donated bytes it freed: a node that freed an input
-    may need less than its outputs (the problem allows that down to the freed bytes)."""
-    if freed:
-        # Never below the freed bytes (CUDA's counters round to blocks).
-        return max(peak - (level + freed), -freed)
+    (relative to its start)."""
     return max(0, peak - max(level, 0))
 
 
 def _cuda_workspaces(analysed, primals, device, wanted: set, runs, refused) -> dict[Any, int]:
     result: dict[Any, int] = {}
 
-    def run(key: Any, target, args: Any, kwargs: Any, reset=None, own=False) -> Any:
+    def run(key: Any, target, args: Any, kwargs: Any, reset=None) -> Any:
         if reset is not None:
             reset()
-        if not own:
-            args = _fresh(args)
         if key not in wanted:
             return target(*args, **kwargs)
-        donated = _donated_storages(args)
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         value = target(*args, **kwargs)
         torch.cuda.synchronize(device)
         after = torch.cuda.memory_allocated(device)
-        freed = sum(size for ref, size in donated if ref.expired())
         result[key] = _workspace(torch.cuda.max_memory_allocated(device) - before,
-                                 after - before, freed)
+                                 after - before)
         return value
 
     def visit(i: int, node: fx.Node, args: Any, kwargs: Any, env) -> Any:
         _run_variants(i, runs, env, refused, run)
-        return run(i, node.target, args, kwargs, own=True)
+        return run(i, node.target, args, kwargs)
 
     _execute(analysed, primals, device, visit, runs)
     return result

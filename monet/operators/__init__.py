@@ -75,26 +75,6 @@ class Site:
 Finder = Callable[[fx.Node], Iterable[Site]]
 
 
-class Donated(list):
-    """Tensors handed to a call that may free them once it no longer needs them.
-
-    A fused node reads its inputs to its end unless the caller lets go of them: the
-    graph passes a value it reads last inside ``donate(value)``, so the only
-    reference is this list, which the callee empties (:func:`take`). The profile
-    measures such a node with its input freed, as the lowered graphs run it.
-    """
-
-
-def donate(value: torch.Tensor) -> Donated:
-    return Donated([value])
-
-
-def take(value: object) -> object:
-    """The donated tensor (the list emptied, so the callee holds the only reference),
-    or ``value`` itself when it was not donated."""
-    return value.pop() if isinstance(value, Donated) else value
-
-
 def skipped(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """What a node holds that an alternative never computes (its ``drops``): nothing,
     as nothing but the alternative's own nodes reads it."""

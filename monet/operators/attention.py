@@ -315,10 +315,10 @@ def fuse_attention_backwards(module: fx.GraphModule) -> int:
                                        *b.softmax_backward.args)
             b.softmax_backward.target = write_into
         input_dtype = b.softmax_backward.args[-1]
-        values, _ = fuse(graph, b.values, [b.grad_values], "attention_values_backward")
-        scores, _ = fuse(graph, b.scores, [b.softmax_backward], "attention_scores_backward",
+        values = fuse(graph, b.values, [b.grad_values], "attention_values_backward")
+        scores = fuse(graph, b.scores, [b.softmax_backward], "attention_scores_backward",
                          after=[values])
-        rest, _ = fuse(graph, b.rest, b.outputs, "attention_backward", after=[scores])
+        rest = fuse(graph, b.rest, b.outputs, "attention_backward", after=[scores])
         rest.meta["monet_attention"] = {
             "forward": f, "grad": b.grad, "values": values, "scores": scores,
             "input_dtype": input_dtype,

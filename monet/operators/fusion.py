@@ -3,9 +3,10 @@
 A variant that replaces several backward ops as a whole (an MLP's backward, an
 attention's) needs them as one node: its alternative is then one override of
 that node. The fused default runs the captured ops themselves, bit for bit the
-unfused graph; an input the unfused graph frees inside the subgraph is donated
-(:func:`monet.operators.donate`) where the graph allows, so the fused node frees
-it there too.
+unfused graph. It holds its inputs to its end, where the unfused graph may free
+one earlier, and makes its outputs before its last op: so a fused subgraph is
+chosen small, of ops that read the same values (an MLP's: fc1's three gradients,
+which all read ``a``'s gradient), leaving the ops before it as captured.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import fx
-from torch.fx.graph import _BoxedCodeGen
 from torch.multiprocessing.reductions import StorageWeakRef
-
-from monet.operators import donate, take
 
 
 def _structure(nodes: list[fx.Node], inputs: list[fx.Node]) -> str:
@@ -35,20 +33,16 @@ def _structure(nodes: list[fx.Node], inputs: list[fx.Node]) -> str:
 def replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], name: str):
     """A function named ``name`` running ``nodes`` (in graph order) on ``inputs``, returning
     ``outputs``: the captured ops themselves, so the fused default is bit for bit the
-    unfused graph.
-
-    A donated input (:func:`monet.operators.donate`) is freed after its last use
-    inside, as the unfused graph frees it: the module takes its arguments boxed."""
+    unfused graph."""
     graph = fx.Graph()
     env = {n: graph.placeholder(f"input_{k}") for k, n in enumerate(inputs)}
     for n in nodes:
         env[n] = graph.node_copy(n, lambda m: env[m])
     graph.output(tuple(env[n] for n in outputs))
-    graph.set_codegen(_BoxedCodeGen())
     module = fx.GraphModule(torch.nn.Module(), graph)
 
     def fused(*values):
-        return module([take(v) for v in values])
+        return module(*values)
 
     fused.__name__ = name
     fused.__qualname__ = f"{name}[{_structure(nodes, inputs)}]"
@@ -62,43 +56,6 @@ def storage_id(node: fx.Node) -> int | None:
     return StorageWeakRef(value.untyped_storage()).cdata
 
 
-def donatable(graph: fx.Graph, order: dict[fx.Node, int], value: fx.Node,
-              members: list[fx.Node], outputs: list[fx.Node]) -> list[fx.Node] | None:
-    """The nodes outside ``members`` that use ``value``'s storage, when the fused node
-    can be its last reader; else None.
-
-    The unfused graph frees ``value`` inside the subgraph; the fused node, run after
-    every other reader, frees it there too when it is donated. It must be a backward
-    op's own value (not a tangent, not a step output), and every other reader must be
-    able to run first: before any user of the fused outputs, and depending on none of
-    the members.
-    """
-    storage = storage_id(value)
-    if storage is None:
-        return None
-    inner = set(members)
-    aliases = [n for n in graph.nodes if n not in inner and storage_id(n) == storage]
-    if any(n.op != "call_function" for n in aliases):
-        return None
-    if set(aliases) & set(graph.output_node().all_input_nodes):
-        return None
-    readers = list(dict.fromkeys(
-        u for a in aliases for u in a.users if u not in inner and u.op != "output"))
-    if any(u.target is donate for u in readers):
-        return None  # another fused node reading the same value was handed it
-    downstream, stack = set(), list(members)
-    while stack:
-        for user in stack.pop().users:
-            if user not in downstream:
-                downstream.add(user)
-                stack.append(user)
-    first_use = min((order[u] for o in outputs for u in o.users), default=len(order))
-    found = [*aliases, *readers]
-    if any(n in downstream or order[n] >= first_use for n in found):
-        return None
-    return found
-
-
 def only_read_inside(members: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> bool:
     """Whether every member but the outputs is read by members alone, each listed once."""
     inner = set(members)
@@ -108,33 +65,17 @@ def only_read_inside(members: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> 
 
 
 def fuse(graph: fx.Graph, members: list[fx.Node], outputs: list[fx.Node], name: str,
-         after: Sequence[fx.Node] = (), donated: Sequence[fx.Node] = (),
-         ) -> tuple[fx.Node, dict[fx.Node, fx.Node]]:
+         after: Sequence[fx.Node] = ()) -> fx.Node:
     """Replace ``members`` by one node replaying them, returning ``outputs`` (a tuple;
     each output's users read a ``getitem`` of it). It runs after its inputs and the
-    nodes ``after``; each ``donated`` input is handed over where :func:`donatable`
-    allows, the fused node then also waiting for its other readers.
-
-    Returns the fused node and the donation boxes (value → box) it reads."""
+    nodes ``after``."""
     order = {n: k for k, n in enumerate(graph.nodes)}
     members = sorted(members, key=order.__getitem__)
     inner = set(members)
     inputs = list(dict.fromkeys(i for n in members for i in n.all_input_nodes if i not in inner))
-    handed = {}
-    for value in donated:
-        others = donatable(graph, order, value, members, outputs)
-        if others is not None:
-            handed[value] = others
-    anchor = max([*inputs, *after, *(n for others in handed.values() for n in others)],
-                 key=order.__getitem__)
-    boxes = {}
-    for value in handed:
-        with graph.inserting_after(anchor):
-            boxes[value] = anchor = graph.call_function(donate, (value,))
-        anchor.meta["val"] = [value.meta["val"]]
-    reads = [boxes.get(n, n) for n in inputs]
+    anchor = max([*inputs, *after], key=order.__getitem__)
     with graph.inserting_after(anchor):
-        fused = graph.call_function(replay(members, inputs, outputs, name), tuple(reads))
+        fused = graph.call_function(replay(members, inputs, outputs, name), tuple(inputs))
     fused.meta["val"] = tuple(o.meta["val"] for o in outputs)
     with graph.inserting_after(fused):
         items = []
@@ -146,7 +87,7 @@ def fuse(graph: fx.Graph, members: list[fx.Node], outputs: list[fx.Node], name: 
         output.replace_all_uses_with(item)
     for n in reversed(members):
         graph.erase_node(n)
-    return fused, boxes
+    return fused
 
 
 aten = torch.ops.aten

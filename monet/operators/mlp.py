@@ -7,15 +7,20 @@ more of that width (the gradients of ``h`` and ``a``). Keeping ``a`` and
 ``h`` is most of a transformer block's activation memory; recomputing them
 with checkpointing brings all four back whole at once.
 
-The MLP's backward is first fused into one node that runs the captured ops
-(:func:`fuse_mlp_backwards`, bit for bit the unfused graph); fc2's weight
-gradient stays apart, so that ``h`` is freed as early as before. The variant
-rewrites both to read ``x`` (kept anyway: fc1's weight gradient reads it)
-instead of ``a`` and ``h``: :func:`mlp_weight_grad_recompute` rebuilds ``h``
-and :func:`mlp_backward_chunked` ``a`` and the gradients, an eighth of the
-tokens at a time, so no full-width value exists in the backward, for two
-more runs of fc1. Dropout between the activation and fc2 is replayed from its
-kept mask.
+fc1's gradients (input, weight, bias), which all read the gradient of ``a``,
+are first fused into one node that runs the captured ops
+(:func:`fuse_mlp_backwards`, bit for bit the unfused graph); the ops before it
+(fc2's input gradient, dropout's and the activation's backward) stay as
+captured, so that every schedule of the captured ops has its equal (one that
+recomputes ``a`` just before the activation's backward, or ``x`` just before
+fc1's weight gradient). The variant rewrites fc2's weight gradient and the
+fused node to read ``x`` (kept anyway: fc1's weight gradient reads it) and
+fc2's output gradient instead of ``a`` and ``h``:
+:func:`mlp_weight_grad_recompute` rebuilds ``h``, and
+:func:`mlp_backward_chunked` ``a`` and the gradients, an eighth of the tokens
+at a time; the ops before it make nothing (empty values, the problem's
+``drops``). So no full-width value exists in the backward, for two more runs
+of fc1. Dropout between the activation and fc2 is replayed from its kept mask.
 
 Without dropout a second variant, ``mlp.chunked``, runs the forward a chunk
 at a time as well: fc2 computes its output from ``x`` (:func:`mlp_forward_chunked`),
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from monet.operators import Alternative, Rewrite, Site, same, skipped, take
+from monet.operators import Alternative, Rewrite, Site, same, skipped
 from monet.operators.fusion import feeds_a_discrete_op, fuse, only_read_inside
 
 aten = torch.ops.aten
@@ -206,12 +211,14 @@ def _match(node: fx.Node) -> _Match | None:
 
 
 # ---------------------------------------------------------------------------
-# The fused backward: the MLP's whole backward as one node, so that a variant
-# may hold no full-width gradient either.
+# The backward: fc1's gradients fused into one node, so that a variant may compute
+# them a chunk of tokens at a time and hold no full-width gradient either.
 
 
 def _backward_nodes(m: _Match):
-    """The backward nodes from fc2's output gradient to fc1's gradients, or None.
+    """The backward nodes from fc2's output gradient to fc1's gradients, or None:
+    (the nodes up to ``a``'s 2-D gradient, that gradient, fc1's gradients' nodes, those
+    gradients, fc2's output gradient).
 
     Autograd's formulas for ``addmm``/``mm`` and ``native_dropout`` give:
     ``mm(G, t(w2t))`` → (view) → [``native_dropout_backward``] → the activation's
@@ -225,7 +232,7 @@ def _backward_nodes(m: _Match):
     grad = m.grad
     # fc2's weight gradient stays its own node, so the default frees ``h`` as early
     # as the captured graph does; the variant rewrites it separately.
-    fused: list[fx.Node] = []
+    hidden: list[fx.Node] = []
     if m.factors:
         if (len(m.factors) != 2 or not isinstance(m.factors[0], fx.Node)
                 or not isinstance(m.factors[1], (int, float))):
@@ -233,51 +240,53 @@ def _backward_nodes(m: _Match):
         if (grad.target is not aten.native_dropout_backward.default
                 or grad.args[1] is not m.factors[0] or grad.args[2] != m.factors[1]):
             return None
-        fused.append(grad)
+        hidden.append(grad)
         grad = grad.args[0]
     product = grad
     if product.target in _VIEWS:
-        fused.append(product)
+        hidden.append(product)
         product = product.args[0]
     if (product.target is not aten.mm.default or product.args[0] is not grad2d
             or _t_of(product.args[1]) is not m.fc2_weight_t):
         return None
-    fused += [product, product.args[1], m.backward]
+    hidden += [product, m.backward]
     grad_a2d = m.backward
     users = list(m.backward.users)
     if len(users) == 1 and users[0].target in _VIEWS and users[0].meta["val"].dim() == 2:
         grad_a2d = users[0]
-        fused.append(grad_a2d)
+        hidden.append(grad_a2d)
     grad_x = grad_w = grad_b = None
+    rest: list[fx.Node] = []
     for user in grad_a2d.users:
         if (user.target is aten.mm.default and user.args[0] is grad_a2d
                 and _t_of(user.args[1]) is m.weight_t):
             grad_x = user
-            fused += [user, user.args[1]]
+            rest += [user, user.args[1]]
         elif user.target is aten.t.default and len(user.users) == 1:
             (w,) = user.users
             if w.target is aten.mm.default and w.args == (user, m.x2d):
                 grad_w = w
-                fused += [user, w]
+                rest += [user, w]
         elif (user.target is aten.sum.dim_IntList and list(user.args[1:]) == [[0], True]
               and not user.kwargs):
             grad_b = user
-            fused.append(user)
+            rest.append(user)
     if grad_x is None or grad_w is None or (grad_b is None) != (m.bias is None):
         return None
     if len(grad_a2d.users) != 2 + (grad_b is not None):
         return None
     outputs = [grad_x, grad_w] + ([grad_b] if grad_b is not None else [])
-    if not only_read_inside(fused, outputs):
+    if not only_read_inside([*hidden, *rest], outputs):
         return None
-    return fused, outputs, grad2d
+    return hidden, grad_a2d, rest, outputs, grad2d
 
 
 def fuse_mlp_backwards(module: fx.GraphModule) -> int:
-    """Fuse every matched MLP backward of a joint graph into one node; returns how many.
+    """Fuse fc1's gradients of every matched MLP of a joint graph into one node; returns
+    how many.
 
     The fused node calls the captured ops (the default); its ``meta["monet_mlp"]``
-    says what the chunked alternative reads (:func:`mlp_sites`).
+    says what the chunked alternative reads and leaves unmade (:func:`mlp_sites`).
     """
     graph = module.graph
     fused_count = 0
@@ -286,14 +295,11 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
         found = _backward_nodes(m) if m is not None else None
         if found is None:
             continue
-        members, outputs, grad2d = found
-        # After fc2's weight gradient, whose read of ``h`` is then over. With fc2's
-        # output gradient donated, after its other readers too (its bias gradient: the
-        # fused node's other inputs are held over those, which the problem counts).
-        fused, boxes = fuse(graph, members, outputs, "mlp_backward", after=[m.weight_grad],
-                            donated=[grad2d])
+        hidden, _, rest, outputs, grad2d = found
+        fused = fuse(graph, rest, outputs, "mlp_backward")
         fused.meta["monet_mlp"] = {
-            "weight_grad": m.weight_grad, "grad2d": boxes.get(grad2d, grad2d), "x2d": m.x2d,
+            "hidden": hidden, "activation_backward": m.backward,
+            "weight_grad": m.weight_grad, "grad2d": grad2d, "x2d": m.x2d,
             "weight_t": m.weight_t, "bias": m.bias, "fc2_weight_t": m.fc2_weight_t,
             "activation": m.activation,
             "approximate": m.approximate, "factors": m.factors, "a": m.a,
@@ -311,11 +317,11 @@ def _forward_chain(spec: dict) -> list[fx.Node] | None:
 
     Under ``mlp.chunked`` fc2 computes the rest itself from ``x``, so every node
     before it holds an empty value: none may be read by anything else than the
-    chain, the fused backward (``a``) and fc2's weight gradient (``h2d``).
+    chain, the activation's backward (``a``) and fc2's weight gradient (``h2d``).
     """
     if spec["factors"]:
         return None
-    weight_grad, backward = spec["weight_grad"], spec["backward"]
+    weight_grad, backward = spec["weight_grad"], spec["activation_backward"]
     h2d = weight_grad.args[1]
     fc2_nodes = [u for u in h2d.users if u is not weight_grad]
     if len(fc2_nodes) != 1 or _fc1(fc2_nodes[0]) is None:
@@ -379,7 +385,6 @@ def mlp_backward_chunked(
     Returns what the captured ops return: the input's gradient (tokens × in),
     fc1's weight gradient (hidden × in) and, with a bias, its gradient (1 × hidden).
     """
-    grad2d = take(grad2d)
     width = weight_t.shape[1]
     grad_x = grad2d.new_empty(x2d.shape[0], weight_t.shape[0])
     fc1_grad = bias_grad = None
@@ -431,20 +436,26 @@ def mlp_sites(node: fx.Node) -> list[Site]:
         return []
     weight_grad = spec["weight_grad"]
     common = (spec["x2d"], spec["weight_t"], spec["bias"])
+    # ``a``'s gradient is never made whole: the fused node computes it a chunk at a time
+    # from fc2's output gradient, and the ops that made it make nothing.
+    unmade = [n for n in spec["hidden"] if n.target not in _VIEWS]
     rewrites = (
         Rewrite(weight_grad, mlp_weight_grad_recompute, (
             weight_grad.args[0], *common, spec["activation"], spec["approximate"],
             spec["factors"])),
+        *(Rewrite(n, same, (n.args[0],)) if n.target in _VIEWS
+          else Rewrite(n, skipped, (n.meta["val"].dtype, n.meta["val"].device))
+          for n in spec["hidden"]),
         Rewrite(node, mlp_backward_chunked, (
             spec["grad2d"], *common, spec["fc2_weight_t"], spec["activation"],
             spec["approximate"], spec["factors"])),
     )
-    alternatives = [Alternative("mlp.backward_chunked", rewrites)]
-    chain = _forward_chain({**spec, "backward": node})
+    alternatives = [Alternative("mlp.backward_chunked", rewrites, drops=tuple(unmade))]
+    chain = _forward_chain(spec)
     if chain is not None:
-        *unmade, fc2 = chain
+        *skip, fc2 = chain
         forward = []
-        for n in unmade:
+        for n in skip:
             if n.target in _VIEWS:
                 forward.append(Rewrite(n, same, (n.args[0],)))
             else:  # fc1, the activation (and a dropout-0 copy): their values are never made
@@ -457,6 +468,6 @@ def mlp_sites(node: fx.Node) -> list[Site]:
         # discrete op downstream (a max-pool's argmax) could then decide otherwise.
         alternatives.append(Alternative(
             "mlp.chunked", (*rewrites, *forward),
-            drops=tuple(n for n in unmade if n.target not in _VIEWS),
+            drops=(*(n for n in skip if n.target not in _VIEWS), *unmade),
             forward_rounding=feeds_a_discrete_op(fc2)))
     return [Site(node.name, tuple(alternatives))]
