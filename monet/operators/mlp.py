@@ -217,8 +217,8 @@ def _match(node: fx.Node) -> _Match | None:
 
 def _backward_nodes(m: _Match):
     """The backward nodes from fc2's output gradient to fc1's gradients, or None:
-    (the nodes up to ``a``'s 2-D gradient, that gradient, fc1's gradients' nodes, those
-    gradients, fc2's output gradient).
+    (the nodes up to ``a``'s 2-D gradient, fc1's gradients' nodes, those gradients,
+    fc2's output gradient).
 
     Autograd's formulas for ``addmm``/``mm`` and ``native_dropout`` give:
     ``mm(G, t(w2t))`` → (view) → [``native_dropout_backward``] → the activation's
@@ -278,7 +278,7 @@ def _backward_nodes(m: _Match):
     outputs = [grad_x, grad_w] + ([grad_b] if grad_b is not None else [])
     if not only_read_inside([*hidden, *rest], outputs):
         return None
-    return hidden, grad_a2d, rest, outputs, grad2d
+    return hidden, rest, outputs, grad2d
 
 
 def fuse_mlp_backwards(module: fx.GraphModule) -> int:
@@ -295,7 +295,7 @@ def fuse_mlp_backwards(module: fx.GraphModule) -> int:
         found = _backward_nodes(m) if m is not None else None
         if found is None:
             continue
-        hidden, _, rest, outputs, grad2d = found
+        hidden, rest, outputs, grad2d = found
         fused = fuse(graph, rest, outputs, "mlp_backward")
         fused.meta["monet_mlp"] = {
             "hidden": hidden, "activation_backward": m.backward,
