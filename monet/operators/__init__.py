@@ -86,6 +86,22 @@ def same(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def unmade(nodes: Iterable[fx.Node], views: Iterable[Any]) -> tuple[list[Rewrite], list[fx.Node]]:
+    """Rewrites that leave ``nodes`` holding nothing (a view, by target in ``views``, the
+    same empty tensor as its base; any other node an empty one), and the nodes among them
+    whose storages the alternative then drops (all but the views)."""
+    views = set(views)
+    rewrites, dropped = [], []
+    for n in nodes:
+        if n.target in views:
+            rewrites.append(Rewrite(n, same, (n.args[0],)))
+        else:
+            value = n.meta["val"]
+            rewrites.append(Rewrite(n, skipped, (value.dtype, value.device)))
+            dropped.append(n)
+    return rewrites, dropped
+
+
 def overwritable(value: object, node: fx.Node) -> bool:
     """Whether ``node`` may write its first output over ``value``: ``node`` is its only
     reader, and it is a whole, dense tensor laid out as that output."""

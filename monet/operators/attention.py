@@ -45,8 +45,8 @@ from monet.operators import (
     Rewrite,
     Site,
     overwritable,
-    same,
     skipped,
+    unmade,
 )
 from monet.operators.fusion import feeds_a_discrete_op, fuse, only_read_inside
 from monet.operators.inplace import write_into
@@ -445,17 +445,14 @@ def attention_sites(node: fx.Node) -> list[Site]:
     alternatives = [Alternative("attention.backward_chunked", backward, drops=(scores,))]
     allowed = {*f.unmade, f.product, spec["values"], scores}
     if all(set(n.users) <= allowed for n in f.unmade):
-        forward = [Rewrite(f.product, attention_forward_chunked, factors)]
-        for n in f.unmade:
-            if n.target in (*_VIEWS, aten.expand.default, aten.detach.default):
-                forward.append(Rewrite(n, same, (n.args[0],)))
-            else:  # the logits, the bias and the probabilities: never made
-                value = n.meta["val"]
-                forward.append(Rewrite(n, skipped, (value.dtype, value.device)))
+        # The logits, the bias and the probabilities: never made.
+        forward, dropped = unmade(f.unmade, (*_VIEWS, aten.expand.default,
+                                             aten.detach.default))
+        forward.insert(0, Rewrite(f.product, attention_forward_chunked, factors))
         # The output rounds differently by chunk (about an ulp): harmless unless a
         # discrete op downstream (a max-pool's argmax) could then decide otherwise.
         alternatives.append(Alternative(
             "attention.chunked", (*backward, *forward),
-            drops=(scores, *(r.node for r in forward if r.target is skipped)),
+            drops=(scores, *dropped),
             forward_rounding=feeds_a_discrete_op(f.product)))
     return [Site(node.name, tuple(alternatives))]

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
 
 def _structure(nodes: list[fx.Node], inputs: list[fx.Node]) -> str:
@@ -47,13 +46,6 @@ def replay(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], 
     fused.__name__ = name
     fused.__qualname__ = f"{name}[{_structure(nodes, inputs)}]"
     return fused
-
-
-def storage_id(node: fx.Node) -> int | None:
-    value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor):
-        return None
-    return StorageWeakRef(value.untyped_storage()).cdata
 
 
 def only_read_inside(members: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> bool:

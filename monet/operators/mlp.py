@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from monet.operators import Alternative, Rewrite, Site, same, skipped
+from monet.operators import Alternative, Rewrite, Site, unmade
 from monet.operators.fusion import feeds_a_discrete_op, fuse, only_read_inside
 
 aten = torch.ops.aten
@@ -438,29 +438,22 @@ def mlp_sites(node: fx.Node) -> list[Site]:
     common = (spec["x2d"], spec["weight_t"], spec["bias"])
     # ``a``'s gradient is never made whole: the fused node computes it a chunk at a time
     # from fc2's output gradient, and the ops that made it make nothing.
-    unmade = [n for n in spec["hidden"] if n.target not in _VIEWS]
+    hidden, hidden_dropped = unmade(spec["hidden"], _VIEWS)
     rewrites = (
         Rewrite(weight_grad, mlp_weight_grad_recompute, (
             weight_grad.args[0], *common, spec["activation"], spec["approximate"],
             spec["factors"])),
-        *(Rewrite(n, same, (n.args[0],)) if n.target in _VIEWS
-          else Rewrite(n, skipped, (n.meta["val"].dtype, n.meta["val"].device))
-          for n in spec["hidden"]),
+        *hidden,
         Rewrite(node, mlp_backward_chunked, (
             spec["grad2d"], *common, spec["fc2_weight_t"], spec["activation"],
             spec["approximate"], spec["factors"])),
     )
-    alternatives = [Alternative("mlp.backward_chunked", rewrites, drops=tuple(unmade))]
+    alternatives = [Alternative("mlp.backward_chunked", rewrites, drops=tuple(hidden_dropped))]
     chain = _forward_chain(spec)
     if chain is not None:
         *skip, fc2 = chain
-        forward = []
-        for n in skip:
-            if n.target in _VIEWS:
-                forward.append(Rewrite(n, same, (n.args[0],)))
-            else:  # fc1, the activation (and a dropout-0 copy): their values are never made
-                value = n.meta["val"]
-                forward.append(Rewrite(n, skipped, (value.dtype, value.device)))
+        # fc1, the activation (and a dropout-0 copy): their values are never made.
+        forward, forward_dropped = unmade(skip, _VIEWS)
         forward.append(Rewrite(fc2, mlp_forward_chunked, (
             *common, spec["fc2_weight_t"], _fc1(fc2)[2], spec["activation"],
             spec["approximate"])))
@@ -468,6 +461,6 @@ def mlp_sites(node: fx.Node) -> list[Site]:
         # discrete op downstream (a max-pool's argmax) could then decide otherwise.
         alternatives.append(Alternative(
             "mlp.chunked", (*rewrites, *forward),
-            drops=(*(n for n in skip if n.target not in _VIEWS), *unmade),
+            drops=(*forward_dropped, *hidden_dropped),
             forward_rounding=feeds_a_discrete_op(fc2)))
     return [Site(node.name, tuple(alternatives))]

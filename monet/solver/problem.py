@@ -378,7 +378,7 @@ def _check_workspace(problem: Problem, dying: dict[int, set[int]], i: int, works
                      where: str) -> None:
     """A negative workspace is a backward node that writes its output over storages it
     reads that die with it (in place), or frees them before it has allocated its
-    outputs (a donated input): at most as many bytes as it allocates."""
+    outputs: at most as many bytes as it allocates."""
     if workspace >= 0:
         return
     n, sizes = problem.nodes[i], problem.storage_bytes
