@@ -244,8 +244,14 @@ def analyse(problem: Problem) -> Structure:
     # Recomputed rather than run in the forward, it still runs once: it costs
     # nothing here, and ``skippable`` keeps its seconds for when it runs twice.
     # Forward nodes some backward node reads, directly or through forward nodes.
-    read_by_backward = _ancestors(problem, (k for i in backward for k in nodes[i].inputs
-                                            if nodes[k].phase == "forward"))
+    # An alternative's backward reads count too: a forward op only a variant's backward
+    # reads runs once where that variant is picked, and not at all where none is.
+    backward_set = set(backward)
+    read_by_backward = _ancestors(problem, [
+        *(k for i in backward for k in nodes[i].inputs if nodes[k].phase == "forward"),
+        *(k for choice in problem.choices for alternative in choice.alternatives
+          for o in alternative.overrides if o.node in backward_set
+          for k in o.inputs if nodes[k].phase == "forward")])
     skippable = {a: cost[a] for a in ops if a not in live and a in read_by_backward}
     forced_by = _forced_by(problem, [*conditional, *skippable], owner, decision_set)
     cost.update(dict.fromkeys(skippable, 0.0))
