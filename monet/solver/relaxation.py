@@ -21,8 +21,11 @@ read, until it: ``keep ∧ pick`` columns), the storages a picked alternative
 makes live, and the picked alternatives' workspaces, must fit the budget.
 Of the recomputations' own lifetimes it counts what holds wherever they are placed:
 a recomputed value an earlier recomputation reads is live from that one's reader
-on, and a value kept only to recompute from, or its reader's recomputed outputs,
-are live until that reader's first backward read. Every real schedule meets all
+on (or from the reader of that one's outputs, along a chain of recomputations), and
+a value kept only to recompute from, or what the chain of recomputations it feeds
+makes of it, is live until the chain's output is first read in the backward. A
+read "in the backward" is one of the captured ops' or, where every alternative of a
+choice reads a value, one of the alternatives'. Every real schedule meets all
 of this; what it leaves out (the rest of the recomputations' lifetimes, their
 workspace) only adds bytes, so the least
 ``Σ redo·time + Σ pick·Δtime + Σ both·Δtime`` bounds the added time from
@@ -245,8 +248,11 @@ class Relaxation:
                         self.logic.append(([(z, 1.0), (keep[s], -1.0), (pick[c, k], -1.0)],
                                            -1.0, math.inf))
                         terms.append((z, sizes[s], lo, hi))
-        self._add_early_recomputations(st, owner, sizes, by_storage, redo, terms)
-        self._add_kept_for_recomputations(st, sizes, by_storage, keep, redo, terms)
+        self._earliest, self._latest = self._certain_reads(st, by_storage)
+        self._chain_until: dict[int, int] = {}
+        self._paths: dict[int, list[tuple[tuple[int, ...], int]]] = {}
+        self._add_kept_for_recomputations(st, sizes, by_storage, keep, redo, pick, terms)
+        self._add_early_recomputations(st, owner, sizes, by_storage, redo, pick, terms)
         # What a picked alternative makes live whatever else the schedule does:
         # from the earlier of its first read and the captured first read, to the
         # later of the last reads. Only for storages one choice alone reads, so
@@ -289,7 +295,29 @@ class Relaxation:
         self.load = np.cumsum(load)[:points]
         self.terms = terms
 
-    def _add_early_recomputations(self, st, owner, sizes, by_storage, redo, terms) -> None:
+    @staticmethod
+    def _certain_reads(st, by_storage) -> tuple[dict[int, int], dict[int, int]]:
+        """The storages every schedule reads in the backward (the captured ops read them,
+        or every alternative of one choice does: a norm's output that an MLP reads
+        whichever way it runs), each with the earliest position any schedule may first
+        read it, and the latest (every schedule reads it by then)."""
+        earliest: dict[int, int] = {}
+        latest: dict[int, int] = dict(st.first_read)
+        for o, reads in by_storage.items():
+            for c in {c for c, _, _ in reads}:
+                firsts: dict[int, int] = {}
+                for cc, k, j in reads:
+                    if cc == c:
+                        firsts[k] = min(firsts.get(k, j), j)
+                if len(firsts) == st.alternatives[c]:
+                    latest[o] = min(latest.get(o, math.inf), max(firsts.values()))
+        for o in latest:
+            earliest[o] = min([st.first_read.get(o, math.inf),
+                               *(j for _, _, j in by_storage.get(o, ()))])
+        return earliest, latest
+
+    def _add_early_recomputations(self, st, owner, sizes, by_storage, redo, pick, terms
+                                  ) -> None:
         """A recomputed storage that a recomputation reads lives from that recomputation
         on, not only from its own first backward reader: recomputing op ``a`` happens no
         later than the first backward read of its outputs (``J(a)``), and every value it
@@ -302,33 +330,94 @@ class Relaxation:
         overshoot the budget by 5–10% on the zoo's transformers. Readers are taken in
         order of ``J``: piece ``k`` of ``s``'s span is live if ``b`` and any reader with
         ``J ≤ J_k`` are recomputed (``u_k ≥ redo[b] + redo[a] - 1``), so no point counts
-        ``s`` twice."""
+        ``s`` twice.
+
+        A storage that only some alternatives of one choice read in the backward (a
+        residual stream that a norm reads unless it reads its own output) gets the same
+        terms up to each alternative's first read, where it is picked (``+ pick - 2``;
+        its own terms count it from that read on), and not where a term of
+        :meth:`_add_kept_for_recomputations` may count ``b``'s outputs along a chain.
+        Left out, ConvNeXt-T's answer at 0.5 of keep-everything's peak held 37 MiB
+        the relaxation did not count: its blocks' outputs, recomputed to rebuild
+        the next block and held for their norms' backward."""
         n_forward = len(st.forward)
-        extended = {s for _, _, s, _, _ in st.extensions}
         for s in st.decision_storages:
-            if s not in st.first_read or s in by_storage or s in extended:
-                continue
             b = owner[s]
             if b not in st.recomputable:
                 continue
-            first = st.first_read[s]
-            due: dict[int, list[int]] = {}
-            for a in st.readers.get(s, ()):
-                j = self._due(st, a)
-                if j is not None and j < first:
-                    due.setdefault(j, []).append(a)
-            marks = sorted(due)
-            earlier: list[int] = []
-            for k, j in enumerate(marks):
-                earlier += due[j]
-                stop = marks[k + 1] if k + 1 < len(marks) else first
-                u = self._column(0.0)
-                for a in earlier:
-                    self.logic.append(([(u, 1.0), (redo[b], -1.0), (redo[a], -1.0)],
-                                       -1.0, math.inf))
-                terms.append((u, sizes[s], n_forward + 2 * j, n_forward + 2 * stop - 1))
+            if s in self._earliest:
+                self._early_pieces(st, sizes, redo, terms, s, b, self._earliest[s], None, -1)
+                continue
+            reads = by_storage.get(s, ())
+            if len({c for c, _, _ in reads}) != 1:
+                continue
+            firsts: dict[tuple[int, int], int] = {}
+            for c, k, j in reads:
+                firsts[c, k] = min(firsts.get((c, k), j), j)
+            for ck, first in sorted(firsts.items()):
+                self._early_pieces(st, sizes, redo, terms, s, b, first, pick[ck],
+                                   self._chain_until.get(b, -1))
 
-    def _add_kept_for_recomputations(self, st, sizes, by_storage, keep, redo, terms) -> None:
+    def _early_pieces(self, st, sizes, redo, terms, s: int, b: int, first: int,
+                      picked: int | None, after: int) -> None:
+        """:meth:`_add_early_recomputations`'s terms for ``s`` up to ``first``, from
+        ``after`` on, under ``picked`` (a pick column) if given."""
+        n_forward = len(st.forward)
+        due: dict[int, list[tuple[int, ...]]] = {}
+        for a in st.readers.get(s, ()):
+            for path, j in self._due_paths(st, a):
+                if j < first:
+                    due.setdefault(max(j, after), []).append(path)
+        marks = sorted(due)
+        earlier: list[tuple[int, ...]] = []
+        extra = [] if picked is None else [(picked, -1.0)]
+        for k, j in enumerate(marks):
+            earlier += due[j]
+            stop = marks[k + 1] if k + 1 < len(marks) else first
+            if j >= stop:
+                continue
+            u = self._column(0.0)
+            for path in earlier:
+                self.logic.append(([(u, 1.0), (redo[b], -1.0), *((redo[a], -1.0) for a in path),
+                                    *extra], -float(len(path) + len(extra)), math.inf))
+            terms.append((u, sizes[s], n_forward + 2 * j, n_forward + 2 * stop - 1))
+
+    def _due_paths(self, st, a: int, longest: int = 4) -> list[tuple[tuple[int, ...], int]]:
+        """Where ``a``'s recomputation is due: ``((a,), J(a))`` if every schedule reads one
+        of its outputs in the backward, and ``((a, r, …), J(…))`` through the
+        recomputations that read its outputs (recomputed, ``r`` needs ``a``'s outputs
+        first): a residual add whose output only the next block's recomputation reads."""
+        if a in self._paths:
+            return self._paths[a]
+        found: list[tuple[tuple[int, ...], int]] = []
+
+        def walk(path: tuple[int, ...]) -> None:
+            z = path[-1]
+            j = self._due(st, z)
+            if j is not None:
+                found.append((path, j))
+            if len(path) < longest:
+                for o in st.outputs_of[z]:
+                    for r in st.readers.get(o, ()):
+                        if r not in path:
+                            walk((*path, r))
+
+        walk((a,))
+        # Of the paths due at one point, the shortest is the weakest condition.
+        best: dict[int, tuple[int, ...]] = {}
+        for path, j in found:
+            if j not in best or len(path) < len(best[j]):
+                best[j] = path
+        self._paths[a] = sorted(((p, j) for j, p in best.items()), key=lambda f: f[1])
+        return self._paths[a]
+
+    def _earliest_due(self, st, a: int) -> int | None:
+        """The earliest point any of ``a``'s due paths puts its recomputation."""
+        paths = self._due_paths(st, a)
+        return paths[0][1] if paths else None
+
+    def _add_kept_for_recomputations(self, st, sizes, by_storage, keep, redo, pick, terms
+                                     ) -> None:
         """A storage kept only for recomputations (no backward node reads it) is counted
         into the backward's first point only, as its readers may all be recomputed there.
         Wherever they are, at every backward point before ``J(a)`` (the first backward
@@ -339,28 +428,55 @@ class Relaxation:
         the readers whose ``J`` lies past a piece of the span share one column over it
         (``u ≥ keep[s] + redo[a] - 1``), with the least such ``min``, so no point counts
         ``s`` twice. ``a``'s outputs must be counted by nothing else there: a reader
-        reading a second such storage is left out (both terms would count its outputs),
-        as are outputs a variant reads, and past the due point of a recomputation reading
+        of several such storages gives each a share of its outputs' bytes, and past the
+        due point of a recomputation reading
         an output (where :meth:`_add_early_recomputations` may count it) the term holds
-        only if that recomputation does not run."""
+        only if that recomputation does not run.
+
+        A storage only one choice's alternatives read in the backward (a convolution's
+        output that the norm after it reads unless it reads its own output instead) is
+        counted the same way where no alternative reading it is picked (``u ≥ keep[s] +
+        redo[a] - 1 - Σ pick``): where one is, the picked alternative's terms count
+        ``s`` until its read. Left out, a ConvNeXt-T answer at 0.5 of keep-everything's
+        peak kept 108 MiB the relaxation did not count (its norms read their outputs,
+        their inputs kept to recompute them), 18% over the budget.
+        ``J(a)`` is then the earliest read of an output that every schedule reads (by the
+        captured ops, or by every alternative of a choice: a norm's output that an MLP
+        reads whichever way it runs), an alternative's read included."""
         n_forward = len(st.forward)
         extended = {s for _, _, s, _, _ in st.extensions}
+        readers_of = {s: {(c, k) for c, k, _ in reads} for s, reads in by_storage.items()}
         alone = {s for s in st.decision_storages
-                 if s not in st.first_read and s not in by_storage and s not in extended}
+                 if s not in st.first_read and s not in extended
+                 and len({c for c, _ in readers_of.get(s, ())}) <= 1}
+        certain = self._earliest
+        chains = {s: list(self._chains(st, sizes, by_storage, certain, s)) for s in alone}
+        # Op → the latest ``J`` of a chain whose terms may count its outputs.
+        for found in chains.values():
+            for chain, j, _ in found:
+                for a in chain[:-1]:
+                    self._chain_until[a] = max(self._chain_until.get(a, -1), j)
+        # Op → the kept storages whose chains pass it: its bytes are shared between
+        # their terms, by size, so that no point counts them twice.
+        reach: dict[int, set[int]] = {}
+        for s, found in chains.items():
+            for chain, _, _ in found:
+                for a in chain:
+                    reach.setdefault(a, set()).add(s)
         for s in sorted(alone):
-            # Reader a → (J(a), its outputs' bytes or |s|, the recomputations reading
-            # them due before J(a), with their due points).
-            readers: dict[int, tuple[int, int, list[tuple[int, int]]]] = {}
-            for a in st.readers.get(s, ()):
-                if len(alone.intersection(st.recompute_reads[a])) != 1:
-                    continue  # another term could count a's outputs too
-                read = [o for o in st.outputs_of[a] if o in st.first_read]
-                if not read or any(o in by_storage or o in extended for o in read):
-                    continue
-                j = self._due(st, a)
-                early = [(r, self._due(st, r)) for o in read for r in st.readers.get(o, ())]
-                readers[a] = (j, min(sizes[s], sum(sizes[o] for o in read)),
-                              [(r, d) for r, d in early if d is not None and d < j])
+            # Chain → (J, the least bytes live along it or |s|, the recomputations
+            # reading its last op's outputs due before J, with their due points).
+            readers: dict[tuple[int, ...], tuple[int, int, list[tuple[int, int]]]] = {}
+            for chain, j, held in chains[s]:
+                amount = sizes[s]
+                for a, bytes_ in zip(chain, held):
+                    amount = min(amount, bytes_ * sizes[s] // max(
+                        1, sum(sizes[t] for t in reach[a])))
+                z = chain[-1]
+                early = [(r, self._earliest_due(st, r)) for o in st.outputs_of[z] if o in certain
+                         for r in st.readers.get(o, ())]
+                readers[chain] = (j, amount,
+                                  [(r, d) for r, d in early if d is not None and d < j])
             marks = sorted({j for j, _, _ in readers.values()}
                            | {d for _, _, early in readers.values() for _, d in early},
                            reverse=True)
@@ -368,25 +484,70 @@ class Relaxation:
                 below = marks[k + 1] if k + 1 < len(marks) else None
                 lo = n_forward + 2 * below if below is not None else n_forward + 1
                 hi = n_forward + 2 * mark - 1
-                eligible = [a for a, (j, _, _) in readers.items() if j >= mark]
+                eligible = [c for c, (j, amount, _) in readers.items() if j >= mark and amount]
                 if not eligible or lo > hi:
                     continue
-                amount = min(readers[a][1] for a in eligible)
-                if not amount:
-                    continue
-                u = self._column(0.0)
-                for a in eligible:
-                    # Where a recomputation reading a's outputs is due, the early term
-                    # may count them: then this one holds only if none of those runs.
-                    counted = [r for r, d in readers[a][2] if below is not None and d <= below]
-                    self.logic.append(([(u, 1.0), (keep[s], -1.0), (redo[a], -1.0)]
-                                       + [(redo[r], 1.0) for r in counted], -1.0, math.inf))
-                terms.append((u, amount, lo, hi))
+                # The most bytes any recomputed chain holds, in layers: column i counts
+                # the step from the (i-1)-th least amount to the i-th, and is 1 when a
+                # chain holding at least the i-th runs.
+                below_amount = 0
+                for amount in sorted({readers[c][1] for c in eligible}):
+                    u = self._column(0.0)
+                    for chain in eligible:
+                        if readers[chain][1] < amount:
+                            continue
+                        # Where a recomputation reading the chain's last outputs is due,
+                        # the early term may count them: this one holds only if none runs.
+                        counted = [r for r, d in readers[chain][2]
+                                   if below is not None and d <= below]
+                        self.logic.append(([(u, 1.0), (keep[s], -1.0)]
+                                           + [(redo[a], -1.0) for a in chain]
+                                           + [(redo[r], 1.0) for r in counted]
+                                           + [(pick[ck], 1.0) for ck in readers_of.get(s, ())],
+                                           -float(len(chain)), math.inf))
+                    terms.append((u, amount - below_amount, lo, hi))
+                    below_amount = amount
 
     @staticmethod
-    def _due(st, a: int) -> int | None:
-        """The first backward read of ``a``'s outputs (``a`` is recomputed no later)."""
-        reads = [st.first_read[o] for o in st.outputs_of[a] if o in st.first_read]
+    def _chains(st, sizes, by_storage, certain, s: int, longest: int = 4):
+        """The recomputation chains from kept storage ``s``: ops ``a, b, …, z``, each
+        reading the one before's outputs (``a`` reads ``s``), ``z``'s outputs read by
+        every schedule; with ``J`` (the earliest such read, or any alternative's read of
+        an output along the way: its terms count that output from there) and, per op,
+        the bytes of its outputs surely live until the next runs (the least a next
+        op of it reads; ``z``: those every schedule reads)."""
+        def least_read(a: int) -> int:
+            return min((sum(sizes[o] for o in st.outputs_of[a] if o in st.recompute_reads[b])
+                        for o in st.outputs_of[a] if o not in certain
+                        for b in st.readers.get(o, ())), default=0)
+
+        def walk(chain: tuple[int, ...], limit: float):
+            z = chain[-1]
+            read = [o for o in st.outputs_of[z] if o in certain]
+            if read:
+                j = min(limit, min(certain[o] for o in read))
+                yield chain, int(j), [least_read(a) for a in chain[:-1]] + [
+                    sum(sizes[o] for o in read)]
+                return
+            if len(chain) >= longest:
+                return
+            for o in st.outputs_of[z]:
+                early = min((at for _, _, at in by_storage.get(o, ())), default=math.inf)
+                for b in st.readers.get(o, ()):
+                    if b not in chain:
+                        yield from walk((*chain, b), min(limit, early))
+
+        seen = set()
+        for a in st.readers.get(s, ()):
+            for found in walk((a,), math.inf):
+                if found[0] not in seen:
+                    seen.add(found[0])
+                    yield found
+
+    def _due(self, st, a: int) -> int | None:
+        """The latest first backward read of ``a``'s outputs (``a`` is recomputed no
+        later)."""
+        reads = [self._latest[o] for o in st.outputs_of[a] if o in self._latest]
         return min(reads) if reads else None
 
     def _term_arrays(self):
