@@ -25,6 +25,7 @@ from monet.solver.heuristic import (
     fastest_variants,
     fit_and_trim,
     least_peak,
+    leaner_at_peak,
     lower_peak,
     recompute_seconds,
     relax_and_repair,
@@ -429,16 +430,26 @@ def _fit(problem: Problem, start: Candidate | None, budget: int,
          deadline: float) -> Candidate | None:
     """``start`` brought within ``budget`` on the simulator (None: not in time): the
     greedy descent on the peak for half the time, then the repair, which also trims
-    what the budget does without."""
-    if start is None:
-        return None
-    halfway = time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter())
+    what the budget does without. Where they stall with ``start``'s variants, one
+    choice at the peak runs a leaner alternative (:func:`leaner_at_peak`) and they go
+    on from there."""
+    while start is not None:
+        halfway = time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter())
+        stalled: list[Candidate] = []
 
-    def fit(applied: Problem, plain: Candidate) -> Candidate | None:
-        lowered = lower_peak(applied, plain, halfway, stop_at=budget)
-        return fit_and_trim(applied, lowered, budget, max(deadline, time.perf_counter() + 0.1))
+        def fit(applied: Problem, plain: Candidate) -> Candidate | None:
+            lowered = lower_peak(applied, plain, halfway, stop_at=budget)
+            stalled.append(lowered)
+            return fit_and_trim(applied, lowered, budget, max(deadline, time.perf_counter() + 0.1))
 
-    return _on_applied(problem, start, fit)
+        found = _on_applied(problem, start, fit)
+        if found is not None or not problem.choices or time.perf_counter() >= deadline:
+            return found
+        variants = start.variants or problem.default_variants()
+        lowered = replace(stalled[0], variants=variants,
+                          overhead=stalled[0].overhead + variant_seconds(problem, variants))
+        start = leaner_at_peak(problem, lowered, deadline)
+    return None
 
 
 def _on_applied(
