@@ -622,6 +622,51 @@ def test_relaxation_bounds_the_brute_force_optimum(seed, choices):
         assert solve_relaxation(problem, 1).bound == float("inf")
 
 
+@pytest.mark.parametrize("backend", ["cpsat", "milp"])
+def test_an_op_only_a_variant_reads_is_free_to_recompute(backend):
+    """op2 feeds no forward output; only grad_op1's ``from_reader`` alternative reads it in
+    the backward. Where that alternative is picked, op2 runs once, in the backward, as in
+    eager's step: recomputed, it adds no time. The models once charged it there (their
+    bound above brute force's optimum)."""
+    from monet.solver.relaxation import relaxation_lower_bound, solve_relaxation
+
+    problem = with_random_choices(random_problem(6, seed=98, workspace_probability=0.3),
+                                  seed=98)
+    budget = 33792
+    expected = brute_force_with_variants(problem, budget)
+    assert relaxation_lower_bound(problem, budget) <= expected + 1e-12
+    assert solve_relaxation(problem, budget, integral=True).bound <= expected + 1e-12
+    schedule = solve(problem, budget, time_limit=3, backend=backend)
+    assert schedule.predicted_overhead == pytest.approx(expected, abs=1e-9)
+    assert schedule.bound <= expected + 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 7, 12])
+def test_a_leaner_alternative_at_the_peak_lowers_it(seed):
+    """Where the descent on the peak stalls with a start's variants, ``_fit`` runs one
+    choice at the peak otherwise: the alternative whose simulated peak is least."""
+    import time
+
+    from monet.solver.heuristic import Candidate, leaner_at_peak
+
+    problem = with_random_choices(random_problem(8, seed=seed, workspace_probability=0.3),
+                                  seed=seed)
+    start = keep_all(problem)
+    found = leaner_at_peak(problem, Candidate(start.kept, start.recompute,
+                                              start.predicted_peak, start.predicted_overhead,
+                                              variants=start.variants),
+                           time.perf_counter() + 10)
+    assert found is not None and found.peak < start.predicted_peak
+    assert sum(a != b for a, b in zip(found.variants, start.variants)) == 1
+    again = keep_all(problem, found.variants)  # nothing recomputed: the same schedule
+    assert (found.peak, found.overhead) == (again.predicted_peak,
+                                            pytest.approx(again.predicted_overhead))
+    others = [keep_all(problem, start.variants[:c] + (k,) + start.variants[c + 1:])
+              for c, choice in enumerate(problem.choices)
+              for k in range(len(choice.alternatives)) if k != start.variants[c]]
+    assert found.peak == min(o.predicted_peak for o in others)
+
+
 def _kept_for_a_recomputation() -> Problem:
     """x → a → h → b → y → c → z → out; no backward node reads h (4 bytes), so keeping
     it instead of y (10) serves only to recompute b, whose first backward reader,
@@ -664,6 +709,54 @@ def _kept_and_chained() -> Problem:
         Node("grad_s", "op", "backward", (11, 0), (12,), (12,), time=1.0, is_output=True),
     )
     return Problem(nodes, sizes, structure_hash(nodes, sizes), "kept-and-chained")
+
+
+def _kept_for_a_chain() -> Problem:
+    """x → a → h → b → m → b2 → y → c → z → out: no backward node reads h (4 bytes) or m
+    (10); grad_c reads y (10) after grad_out, whose workspace (45) makes the budget
+    tight. Keeping h and recomputing b and b2 adds 2 s, recomputing a, b and b2 from x
+    3 s: until grad_c, h or m or y is live, so below 4 bytes of room only the second
+    fits."""
+    sizes = (1, 4, 10, 10, 10, 1, 1, 8, 1, 1, 1, 1)
+    nodes = (
+        Node("x", "input", "input", (), (0,), (0,), recomputable=False),
+        Node("a", "op", "forward", (0,), (1,), (1,), time=1.0),
+        Node("b", "op", "forward", (1,), (2,), (2,), time=1.0),
+        Node("b2", "op", "forward", (2,), (3,), (3,), time=1.0),
+        Node("c", "op", "forward", (3,), (4,), (4,), time=5.0),
+        Node("out", "op", "forward", (4,), (5,), (5,), time=0.1, is_output=True),
+        Node("tangent", "input", "tangent", (), (6,), (6,), recomputable=False),
+        Node("grad_out", "op", "backward", (6, 4), (7,), (7,), time=1.0, workspace=45),
+        Node("grad_c", "op", "backward", (7, 3), (8,), (8,), time=1.0),
+        Node("grad_b2", "op", "backward", (8, 3), (9,), (9,), time=1.0),
+        Node("grad_b", "op", "backward", (9,), (10,), (10,), time=1.0),
+        Node("grad_a", "op", "backward", (10, 0), (11,), (11,), time=1.0, is_output=True),
+    )
+    return Problem(nodes, sizes, structure_hash(nodes, sizes), "kept-for-a-chain")
+
+
+def test_a_value_kept_to_recompute_a_chain_is_counted_until_the_chain_is_read(monkeypatch):
+    """h is kept only so that b and b2 can be recomputed; b's output is read by b2's
+    recomputation alone. The relaxation counts h (or what the chain made of it) until
+    y's first backward reader: at the least budget its LP proves the optimum (3 s),
+    where counting only chains of one op proved 2, and it stays a bound everywhere."""
+    from monet.solver.relaxation import Relaxation
+
+    problem = _kept_for_a_chain()
+    low = minimum_budget(problem, time_limit=2)[0].budget
+    assert low == 66
+    full = Relaxation(problem)
+    chains = Relaxation._chains
+    monkeypatch.setattr(Relaxation, "_chains",
+                        staticmethod(lambda *args, **kwargs: chains(*args, longest=1)))
+    short = Relaxation(problem)
+    assert brute_force(problem, low) == pytest.approx(3.0)
+    assert full.solve(low, integral=False).bound == pytest.approx(3.0)
+    assert short.solve(low, integral=False).bound == pytest.approx(2.0)
+    for budget in range(low, keep_all(problem).predicted_peak + 1):
+        expected = brute_force(problem, budget)
+        for integral in (False, True):
+            assert full.solve(budget, integral=integral).bound <= expected + 1e-12
 
 
 def test_recomputation_lifetime_terms_never_count_one_value_twice():
