@@ -369,17 +369,24 @@ class Relaxation:
                 if j < first:
                     due.setdefault(max(j, after), []).append(path)
         marks = sorted(due)
-        earlier: list[tuple[int, ...]] = []
         extra = [] if picked is None else [(picked, -1.0)]
+        # Piece k holds if any path due by its start runs: u_k ≥ u_(k-1), and u_k ≥ each
+        # path due at its start (a row per path, not one per piece and path: on the random
+        # 3,000-node graph 56k rows against 100k, its LP 1.6 s against 2.2).
+        pending: list[tuple[int, ...]] = []
+        before = None
         for k, j in enumerate(marks):
-            earlier += due[j]
+            pending += due[j]
             stop = marks[k + 1] if k + 1 < len(marks) else first
             if j >= stop:
                 continue
             u = self._column(0.0)
-            for path in earlier:
+            if before is not None:
+                self.logic.append(([(u, 1.0), (before, -1.0)], 0.0, math.inf))
+            for path in pending:
                 self.logic.append(([(u, 1.0), (redo[b], -1.0), *((redo[a], -1.0) for a in path),
                                     *extra], -float(len(path) + len(extra)), math.inf))
+            pending, before = [], u
             terms.append((u, sizes[s], n_forward + 2 * j, n_forward + 2 * stop - 1))
 
     def _due_paths(self, st, a: int, longest: int = 4) -> list[tuple[tuple[int, ...], int]]:
