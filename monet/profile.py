@@ -170,6 +170,7 @@ def profile(
     order = analysed.order
     device = primals[0].device if primals else torch.device("cpu")
     runs = _variant_runs(analysed)
+    busy = _machine_busy(device)
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(
         devices=[device.index or 0] if device.type == "cuda" else []
     ):
@@ -180,13 +181,23 @@ def profile(
         workspaces = (
             _workspace_pass(analysed, primals, device, missing, runs, refused) if missing else {}
         )
-    for i, key in keys.items():
-        if i in missing:
-            cache.put(key, times[i], workspaces.get(i, 0))
-    cache.save()
+    busy = busy or _machine_busy(device)
+    fresh = {keys[i]: (times[i], workspaces.get(i, 0)) for i in missing}
+    if busy and fresh:
+        warnings.warn(
+            f"monet: the machine was busy while profiling ({busy}): the {len(fresh)} operator "
+            "times measured now are inflated; this problem uses them, the profile cache "
+            "does not keep them. Profile again with the machine idle."
+        )
+    else:
+        for key, (seconds, workspace) in fresh.items():
+            cache.put(key, seconds, workspace)
+        cache.save()
 
     def measured(i: Any) -> tuple[float, int]:
-        return cache.get(keys[i]) or (0.0, 0) if i in keys else (0.0, 0)
+        if i not in keys:
+            return 0.0, 0
+        return fresh.get(keys[i]) or cache.get(keys[i]) or (0.0, 0)
 
     nodes = []
     for i, node in enumerate(analysed.problem.nodes):
@@ -230,6 +241,26 @@ def profile(
     stats = ProfileStats(len(order), len(missing), len(keys) - len(missing),
                          time.perf_counter() - started)
     return problem, stats
+
+
+BUSY_LOAD = 1.5
+"""Load (run-queue length) per core above which the CPUs are taken to be shared with other
+work: two processes of two threads each on this 2-core machine (load 4) timed a
+chunked MLP's weight gradient at 326 ms where it takes 39 idle, and the cache kept
+that figure until deleted."""
+
+
+def _machine_busy(device: torch.device) -> str | None:
+    """Why operator times measured now on ``device`` would be inflated, if they would:
+    other processes holding the CPUs (the 1-minute load average)."""
+    if device.type != "cpu":
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cores = os.cpu_count() or 1
+    return f"load {load:.1f} on {cores} cores" if load > BUSY_LOAD * cores else None
 
 
 FASTER = 0.95

@@ -200,6 +200,28 @@ def test_second_optimize_uses_the_profile_cache(tmp_path):
     ]
 
 
+def test_times_measured_on_a_busy_machine_are_not_cached(tmp_path, monkeypatch):
+    """Other processes on the CPUs inflate every time measured; the problem uses them, the
+    cache does not keep them, and the next profile on an idle machine measures anew."""
+    import os
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    x = torch.randn(32, 16)
+    cache = tmp_path / "profile.json"
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * cores, 0.0, 0.0))
+    with pytest.warns(UserWarning, match="busy while profiling"):
+        busy = monet.optimize(model, 1.0, (x,), measure=False, profile_cache=str(cache))
+    assert busy.last_plan.problem.meta["profiled_ops"] > 0
+    assert not cache.exists()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    idle = monet.optimize(model, 1.0, (x,), measure=False, profile_cache=str(cache))
+    assert idle.last_plan.problem.meta["profiled_ops"] == busy.last_plan.problem.meta[
+        "profiled_ops"]
+    assert cache.exists()
+
+
 def test_a_corrupt_profile_cache_is_rebuilt(tmp_path):
     cache = tmp_path / "profile.json"
     cache.write_text('{"version": 1, "entries": {"x": [1.0')
