@@ -594,12 +594,16 @@ def test_schedule_for_another_graph_is_refused(tmp_path):
         Schedule.load(tmp_path / "s.json", other)
 
 
-@pytest.mark.parametrize("choices", [False, True])
-@pytest.mark.parametrize("seed", range(6))
-def test_relaxation_bounds_the_brute_force_optimum(seed, choices):
+@pytest.mark.parametrize(("ops", "choices", "seed"), [
+    *((5, choices, seed) for choices in (False, True) for seed in range(6)),
+    # Six ops give recomputation chains and alternatives' reads more room (a bound past
+    # the optimum was found at seed 98 this way).
+    *((6, True, seed) for seed in (90, 93, 96, 98)),
+])
+def test_relaxation_bounds_the_brute_force_optimum(ops, choices, seed):
     from monet.solver.relaxation import relaxation_lower_bound, solve_relaxation
 
-    problem = random_problem(5, seed=seed, workspace_probability=0.3)
+    problem = random_problem(ops, seed=seed, workspace_probability=0.3)
     if choices:
         problem = with_random_choices(problem, seed=seed)
     high = keep_all(problem).predicted_peak
