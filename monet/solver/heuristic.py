@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from monet.simulate import simulate
 from monet.solver.estimate import PeakModel
-from monet.solver.ilp import Structure, analyse
+from monet.solver.ilp import Structure, analyse, touched_nodes
 from monet.solver.problem import Problem, alternative_nodes
 from monet.solver.program import Program, ScheduleError, build_program, storage_owner
 from monet.solver.schedule import Schedule
@@ -830,17 +830,11 @@ def leaner_at_peak(problem: Problem, start: Candidate, deadline: float, tries: i
     # The forward's values only: every choice's nodes read the parameters.
     owner = storage_owner(applied)
     live = {s for s in live if applied.nodes[owner[s]].phase == "forward"}
-    touched: dict[int, int] = {}
-    for c, choice in enumerate(problem.choices):
-        for alternative in choice.alternatives:
-            touched.update(dict.fromkeys((o.node for o in alternative.overrides), c))
-            if live.intersection(alternative.drops):
-                touched.setdefault(-1 - c, c)
-    near = {c for i, c in touched.items() if i < 0}
     nodes = applied.nodes
-    for i, c in touched.items():
-        if i >= 0 and any(live.intersection(nodes[k].storages) for k in nodes[i].inputs):
-            near.add(c)
+    near = {c for c, choice in enumerate(problem.choices)
+            if any(live.intersection(a.drops) for a in choice.alternatives)}
+    near |= {c for i, c in touched_nodes(problem).items()
+             if any(live.intersection(nodes[k].storages) for k in nodes[i].inputs)}
     leanness = shared_alternative_bytes(problem)
     options = sorted(((leanness[c][k] - leanness[c][variants[c]], c, k) for c in near
                       for k in range(len(problem.choices[c].alternatives))
