@@ -33,6 +33,7 @@ from monet.solver.heuristic import (
     variant_seconds,
 )
 from monet.solver.ilp import analyse, solve_cpsat
+from monet.solver.neighbourhood import improve
 from monet.solver.problem import Node, Problem, ProblemFileError
 from monet.solver.program import Program, ScheduleError, build_program
 from monet.solver.relaxation import budget_bound
@@ -74,6 +75,11 @@ NEAR_SAVING = 0.9
 """...when it adds at most this share of the best fitting start's time (above the floor)."""
 EXCHANGE_SHARE = 0.35
 """Share of ``solve``'s time limit for the exchange search on the best start that fits."""
+NEIGHBOURHOOD_SHARE = 0.2
+"""Share of ``solve``'s time limit for CP-SAT in the neighbourhood of the best start that
+fits (:func:`monet.solver.neighbourhood.improve`), before the exchange search..."""
+NEIGHBOURHOOD_PART = 0.4
+"""...and at most this part of the time left then (the exchange search needs the rest)."""
 FALLBACK_SHARE = 0.5
 """Least share of ``solve``'s time limit for the search for any fitting schedule when no
 quick start fits (the solve may then take up to half its limit longer)."""
@@ -365,6 +371,10 @@ def solve(
         # Nothing quick fits: lower the least-peak start's peak on the simulator.
         start = _fit(problem, least_peak(candidates + repaired), budget,
                      min(deadline, time.perf_counter() + FIT_SHARE * time_limit))
+    if start is not None and backend == "cpsat" and problem.choices:
+        seconds = min(NEIGHBOURHOOD_SHARE * time_limit, NEIGHBOURHOOD_PART * _left(deadline))
+        start = improve(problem, start, budget, time.perf_counter() + seconds,
+                        slice_seconds=seconds)
     if start is not None:
         # Trade expensive recomputations for cheaper ones on the model's peak.
         exchange_until = min(deadline, time.perf_counter() + EXCHANGE_SHARE * time_limit)

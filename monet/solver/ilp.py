@@ -597,6 +597,17 @@ Hint = tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int, ...]]
 """(kept, recompute, variants) of a known schedule."""
 
 
+@dataclass(frozen=True)
+class Neighbourhood:
+    """A part of the schedules: those recomputing every op of ``recomputed`` and none
+    outside ``recomputable`` (None: any), with each choice in ``variants`` held to
+    that alternative."""
+
+    recomputed: frozenset[int] = frozenset()
+    recomputable: frozenset[int] | None = None
+    variants: dict[int, int] = field(default_factory=dict)
+
+
 def conditional_readers(st: Structure) -> dict[int, list[tuple[int, int, int]]]:
     """Decision storage → (choice, alternative, backward position) that read it."""
     result: dict[int, list[tuple[int, int, int]]] = {}
@@ -624,12 +635,15 @@ def solve_cpsat(
     hint: Hint | None = None,
     log_callback=None,
     stop_at: int | None = None,
+    within: Neighbourhood | None = None,
 ) -> Solution:
     """Solve with OR-tools CP-SAT.
 
     With ``budget`` None, minimise the peak instead of the time (the smallest
     feasible budget), stopping early once it is at most ``stop_at``; otherwise
-    minimise recomputation time within ``budget``.
+    minimise recomputation time within ``budget``. With ``within``, only the
+    schedules of that neighbourhood are searched (the status and bound are then
+    the neighbourhood's).
     """
     from ortools.sat.python import cp_model
 
@@ -795,6 +809,14 @@ def solve_cpsat(
                     active = both(active, run[a], f"rdr{a}_{k}")
                 terms.append(round(d * TIME_SCALE) * active)
         model.Minimize(sum(terms))
+    if within is not None:
+        for a in within.recomputed:
+            model.Add(redo[a] == 1)
+        for a in st.ops:
+            if within.recomputable is not None and a not in within.recomputable:
+                model.Add(redo[a] == 0)
+        for c, k in within.variants.items():
+            model.Add(pick[c, k] == 1)
     if hint is not None:
         kept_hint, redo_hint = set(hint[0]), dict(hint[1])
         for s, var in keep.items():
