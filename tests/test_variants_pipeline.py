@@ -291,11 +291,13 @@ def test_chunked_forward_waits_for_kernel_variants_before_a_discrete_op(kernel_v
     assert names.count("mlp.chunked") == (2 if kernel_variants else 0)
 
 
-def test_chunked_mlp_runs_end_to_end_below_the_backward_only_variant(tmp_path):
+def test_chunked_mlp_runs_end_to_end_below_the_backward_only_variant(tmp_path, monkeypatch):
     """``mlp.chunked`` through optimize: chosen from a schedule file, lowered, run; the
     step equals eager's, the measured peak is the simulated one, and keeping everything
     else it needs less than ``mlp.backward_chunked`` (no full-width value even in the
     forward)."""
+    # This MLP's hidden values (4×33×64 floats) would run in one chunk by size.
+    monkeypatch.setattr("monet.operators.mlp.CHUNK_BYTES", 1024)
     torch.manual_seed(0)
     model, x = _TwoMlps(16, 64), torch.randn(4, 33, 16, requires_grad=True)
     reference = copy.deepcopy(model)

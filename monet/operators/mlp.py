@@ -17,7 +17,7 @@ fc1's weight gradient). The variant rewrites fc2's weight gradient and the
 fused node to read ``x`` (kept anyway: fc1's weight gradient reads it) and
 fc2's output gradient instead of ``a`` and ``h``:
 :func:`mlp_weight_grad_recompute` rebuilds ``h``, and
-:func:`mlp_backward_chunked` ``a`` and the gradients, an eighth of the tokens
+:func:`mlp_backward_chunked` ``a`` and the gradients, a chunk of the tokens
 at a time; the ops before it make nothing (empty values, the problem's
 ``drops``). So no full-width value exists in the backward, for two more runs
 of fc1. Dropout between the activation and fc2 is replayed from its kept mask.
@@ -45,7 +45,14 @@ from monet.operators.fusion import feeds_a_discrete_op, fuse, only_read_inside
 aten = torch.ops.aten
 
 CHUNKS = 8
-"""Token chunks: the backward holds an eighth of the hidden width's values at a time."""
+"""At most this many token chunks: the backward holds an eighth of the hidden width's
+values at a time."""
+CHUNK_BYTES = 4 << 20
+"""About this many bytes of the hidden width's values per chunk: a small MLP runs in fewer
+chunks, as products over a few rows cost more than they save. ConvNeXt-T's last stage at
+batch 6 (294 tokens, 768 → 3072; 3.4 MiB hidden), this machine, both backward functions:
+one chunk 55.5 ms, eight 95.9; its third stage (1,176 tokens, 6.9 MiB): two 52.6, eight
+65.4; its first (18,816 tokens, 27.6 MiB): seven or eight alike (76-77)."""
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _ACTIVATIONS = {
@@ -54,7 +61,17 @@ _ACTIVATIONS = {
 }
 
 
-def _rows(count: int, chunks: int):
+def chunk_count(count: int, width: int, itemsize: int) -> int:
+    """Chunks of ``count`` rows ``width`` wide: as many as keep each near ``CHUNK_BYTES``,
+    at most ``CHUNKS``."""
+    return min(CHUNKS, max(1, round(count * width * itemsize / CHUNK_BYTES)))
+
+
+def _rows(count: int, width: int, itemsize: int, chunks: int | None):
+    """Row slices of ``count`` rows ``width`` wide: ``chunks`` of them (None: by
+    :func:`chunk_count`)."""
+    if chunks is None:
+        chunks = chunk_count(count, width, itemsize)
     step = max(1, math.ceil(count / chunks))
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
@@ -353,12 +370,12 @@ def mlp_weight_grad_recompute(
     activation: str,
     approximate: str,
     factors: list,
-    chunks: int = CHUNKS,
+    chunks: int | None = None,
 ) -> torch.Tensor:
     """``grad_t @ h`` (fc2's weight gradient) with ``h`` rebuilt from ``x`` chunk by chunk."""
     width = weight_t.shape[1]
     out = None
-    for rows in _rows(x2d.shape[0], chunks):
+    for rows in _rows(x2d.shape[0], width, x2d.element_size(), chunks):
         h = _hidden(_pre_activation(x2d, weight_t, bias, rows), activation, approximate,
                     factors, width, rows)
         if out is None:
@@ -377,7 +394,7 @@ def mlp_backward_chunked(
     activation: str,
     approximate: str,
     factors: list,
-    chunks: int = CHUNKS,
+    chunks: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The fused MLP backward a chunk of tokens at a time: fc1 is rerun per chunk,
     and no full-width value or gradient is ever whole.
@@ -389,7 +406,7 @@ def mlp_backward_chunked(
     grad_x = grad2d.new_empty(x2d.shape[0], weight_t.shape[0])
     fc1_grad = bias_grad = None
     mask, scale = (factors[0], factors[1]) if factors else (None, None)
-    for rows in _rows(x2d.shape[0], chunks):
+    for rows in _rows(x2d.shape[0], width, x2d.element_size(), chunks):
         a = _pre_activation(x2d, weight_t, bias, rows)
         g = torch.mm(grad2d[rows], fc2_weight_t.t())
         if mask is not None:
@@ -417,12 +434,13 @@ def mlp_forward_chunked(
     fc2_bias: torch.Tensor | None,
     activation: str,
     approximate: str,
-    chunks: int = CHUNKS,
+    chunks: int | None = None,
 ) -> torch.Tensor:
     """fc2's output (tokens × out) computed from ``x`` a chunk of tokens at a time:
     fc1, the activation and fc2 per chunk, so no full-width value is ever whole."""
     out = x2d.new_empty(x2d.shape[0], fc2_weight_t.shape[1])
-    for rows in _rows(x2d.shape[0], chunks):
+    width = weight_t.shape[1]
+    for rows in _rows(x2d.shape[0], width, x2d.element_size(), chunks):
         h = _activate(_pre_activation(x2d, weight_t, bias, rows), activation, approximate)
         out[rows] = torch.mm(h, fc2_weight_t) if fc2_bias is None else torch.addmm(
             fc2_bias, h, fc2_weight_t)
@@ -436,17 +454,20 @@ def mlp_sites(node: fx.Node) -> list[Site]:
         return []
     weight_grad = spec["weight_grad"]
     common = (spec["x2d"], spec["weight_t"], spec["bias"])
+    # The count is an argument of every rewrite, so the profile keys on it too.
+    x2d, weight_t = (n.meta["val"] for n in common[:2])
+    chunks = chunk_count(x2d.shape[0], weight_t.shape[1], x2d.element_size())
     # ``a``'s gradient is never made whole: the fused node computes it a chunk at a time
     # from fc2's output gradient, and the ops that made it make nothing.
     hidden, hidden_dropped = unmade(spec["hidden"], _VIEWS)
     rewrites = (
         Rewrite(weight_grad, mlp_weight_grad_recompute, (
             weight_grad.args[0], *common, spec["activation"], spec["approximate"],
-            spec["factors"])),
+            spec["factors"], chunks)),
         *hidden,
         Rewrite(node, mlp_backward_chunked, (
             spec["grad2d"], *common, spec["fc2_weight_t"], spec["activation"],
-            spec["approximate"], spec["factors"])),
+            spec["approximate"], spec["factors"], chunks)),
     )
     alternatives = [Alternative("mlp.backward_chunked", rewrites, drops=tuple(hidden_dropped))]
     chain = _forward_chain(spec)
@@ -456,7 +477,7 @@ def mlp_sites(node: fx.Node) -> list[Site]:
         forward, forward_dropped = unmade(skip, _VIEWS)
         forward.append(Rewrite(fc2, mlp_forward_chunked, (
             *common, spec["fc2_weight_t"], _fc1(fc2)[2], spec["activation"],
-            spec["approximate"])))
+            spec["approximate"], chunks)))
         # fc2's output rounds differently by row chunk (about an ulp): harmless unless a
         # discrete op downstream (a max-pool's argmax) could then decide otherwise.
         alternatives.append(Alternative(

@@ -253,7 +253,7 @@ def test_mlp_backward_chunked(tokens, width, hidden, out, activation, approximat
     torch.mm(h, fc2_weight_t).backward(grad2d)
     expected = [x2d.grad, weight_t.grad.t()] + ([b.grad.view(1, hidden)] if bias else [])
     with torch.no_grad():
-        for chunks in (1, 3, 8, tokens + 2):
+        for chunks in (None, 1, 3, 8, tokens + 2):
             actual = mlp_backward_chunked(grad2d, x2d, weight_t, b, fc2_weight_t, activation,
                                           approximate, factors, chunks)
             close(actual, expected)
@@ -281,12 +281,31 @@ def test_mlp_forward_chunked(tokens, width, hidden, out, activation, approximate
     a = torch.mm(x2d, weight_t) if b is None else torch.addmm(b, x2d, weight_t)
     h = aten.gelu(a, approximate=approximate) if activation == "gelu" else aten.silu(a)
     expected = torch.mm(h, fc2_weight_t) if fc2_b is None else torch.addmm(fc2_b, h, fc2_weight_t)
-    for chunks in (1, 3, 8, tokens + 2):
+    for chunks in (None, 1, 3, 8, tokens + 2):
         actual = mlp_forward_chunked(x2d, weight_t, b, fc2_weight_t, fc2_b, activation,
                                      approximate, chunks)
         close([actual], [expected])
-        if chunks == 1:
+        if chunks in (None, 1):  # by default a small MLP runs in one chunk
             assert torch.equal(actual, expected)
+
+
+def test_mlp_chunks_follow_the_hidden_values_size():
+    """Near ``CHUNK_BYTES`` of hidden values per chunk, one at least, ``CHUNKS`` at most;
+    the chunks cover every row once."""
+    from monet.operators.mlp import CHUNK_BYTES, CHUNKS, _rows
+
+    def count(tokens, hidden, chunks=None):
+        rows = _rows(tokens, hidden, 4, chunks)
+        assert [r.start for r in rows] == [0, *(r.stop for r in rows[:-1])]
+        assert rows[-1].stop == tokens
+        return len(rows)
+
+    assert count(294, 3072) == 1  # ConvNeXt-T's last stage at batch 6: 3.4 MiB
+    assert count(1176, 1536) == 2
+    assert count(18816, 384) == 7
+    assert count(10 * CHUNK_BYTES // 4, 1) == CHUNKS
+    assert count(1, 16) == 1
+    assert count(100, 16, chunks=3) == 3  # an explicit count is kept
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (2, 7, 33), (1, 1, 16), (3, 4, 2, 9)])
