@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import time
 from dataclasses import replace
@@ -837,34 +838,62 @@ def test_a_split_choice_is_held_to_its_leanest_part():
 
 
 @pytest.mark.parametrize("choices", [False, True])
-def test_relaxation_lp_meets_every_point_not_only_the_rows_it_keeps(choices, monkeypatch):
+def test_relaxation_lp_meets_every_point_not_only_the_rows_it_keeps(choices):
     """The LP keeps one memory row per run of points covered by the same terms (the one
-    with least room): its answer fits the budget at every point all the same."""
+    with least room): its answer fits the budget at every point all the same, also
+    after a solve at a higher budget (the kept model's rows then move)."""
     import numpy as np
 
-    from monet.solver import relaxation
+    from monet.solver.relaxation import Relaxation
 
     problem = random_problem(200, seed=4)
     if choices:
         problem = with_random_choices(problem, seed=4)
-    budget = keep_all(problem).predicted_peak // 2
-    answers = []
-    solve_lp = relaxation.milp
+    high = keep_all(problem).predicted_peak
+    model = Relaxation(problem)
+    for budget in (high * 3 // 4, high // 2):
+        assert model.solve(budget, integral=False).bound < float("inf")
+        x = np.asarray(model._highs.getSolution().col_value)
+        load = np.zeros(len(model.level) + 1)
+        for column, amount, lo, hi in model.terms:
+            load[lo] += x[column] * amount
+            load[hi + 1] -= x[column] * amount
+        assert (model.level + np.cumsum(load)[:-1] <= budget * (1 + 1e-9)).all()
 
-    def spy(*args, **kwargs):
-        result = solve_lp(*args, **kwargs)
-        answers.append(result.x)
-        return result
 
-    monkeypatch.setattr(relaxation, "milp", spy)
-    model = relaxation.Relaxation(problem)
-    assert model.solve(budget, integral=False).bound < float("inf")
-    x = answers[-1]
-    load = np.zeros(len(model.level) + 1)
-    for column, amount, lo, hi in model.terms:
-        load[lo] += x[column] * amount
-        load[hi + 1] -= x[column] * amount
-    assert (model.level + np.cumsum(load)[:-1] <= budget * (1 + 1e-9)).all()
+@pytest.mark.parametrize("choices", [False, True])
+def test_the_kept_lp_model_answers_as_a_fresh_one_at_every_budget(choices):
+    """One model solved at budgets going down, up, out of reach and back, with and
+    without the variants held: each bound is a model built anew's."""
+    from monet.solver.heuristic import leanest_variants
+    from monet.solver.relaxation import Relaxation
+
+    problem = random_problem(120, seed=6, workspace_probability=0.3)
+    if choices:
+        problem = with_random_choices(problem, seed=6)
+    high = keep_all(problem).predicted_peak
+    held = leanest_variants(problem) if choices else None
+    kept = Relaxation(problem)
+    for fraction, variants in ((0.8, None), (0.5, None), (0.6, held), (0.05, None),
+                               (0.45, None), (0.7, held), (0.5, None)):
+        budget = int(fraction * high)
+        warm = kept.solve(budget, integral=False, variants=variants)
+        fresh = Relaxation(problem).solve(budget, integral=False, variants=variants)
+        assert warm.bound == pytest.approx(fresh.bound, rel=1e-7, abs=1e-12), fraction
+
+
+def test_the_kept_lp_model_keeps_to_each_solves_own_time_limit():
+    """HiGHS counts its time limit over all of an instance's solves: each solve's limit
+    is set past the time already run, or the later solves of one model stop at once."""
+    from monet.solver.relaxation import Relaxation
+
+    problem = random_problem(60, seed=1)
+    high = keep_all(problem).predicted_peak
+    model = Relaxation(problem)
+    for step in range(300):
+        budget = int((0.5 + 0.3 * (step % 7) / 7) * high)
+        assert math.isfinite(model.solve(budget, integral=False, time_limit=0.1).bound)
+    assert model._highs.getRunTime() > 0.1
 
 
 def test_the_relaxation_bound_is_not_lifted_by_highs_absolute_gap():

@@ -408,6 +408,10 @@ def relax_and_repair(
     if bound == math.inf:
         return [], bound
     answers += found
+    if any(c.peak <= budget and c.overhead + variant_seconds(problem, v) <= bound + 1e-12
+           for c, v in found):
+        # An answer that fits at the LP's bound is optimal: nothing is left to find.
+        return _with_variants(problem, found), bound
     shares = (1 - TRIM_SHARE) * 0.75, 1 - TRIM_SHARE
     for model, share, tries in ((models[0], shares[0], rounds), (models[1], shares[1], 1)):
         found, model_bound, overran = _lower_until_fits(problem, model, budget,
@@ -429,8 +433,14 @@ def relax_and_repair(
                                max(started + time_limit, time.perf_counter() + 0.1))
         if trimmed is not None:
             result.append((trimmed, variants))
+    return _with_variants(problem, result), bound
+
+
+def _with_variants(problem: Problem, answers: list[tuple[Candidate, tuple[int, ...]]]
+                   ) -> list[Candidate]:
+    """Each answer as a candidate naming its variants and counting their seconds."""
     return [replace(c, variants=v, overhead=c.overhead + variant_seconds(problem, v))
-            for c, v in result], bound
+            for c, v in answers]
 
 
 def _lower_until_fits(problem: Problem, model, budget: int, deadline: float, rounds: int,
