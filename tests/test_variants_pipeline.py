@@ -91,8 +91,11 @@ def test_mlp_recomputing_its_hidden_lowers_the_floor():
     gradients: keeping everything else, the step's peak drops by a third or more."""
     model, _, x = _setup("vit")
     problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5).last_plan.problem
-    mlps = tuple(int(c.alternatives[-1].name == MLP) * (len(c.alternatives) - 1)
-                 for c in problem.choices)
+    def leanest(choice) -> int:  # ``CHUNKS`` chunks, offered as ``_fine`` on small MLPs
+        names = [a.name for a in choice.alternatives]
+        return next((names.index(n) for n in (MLP + "_fine", MLP) if n in names), 0)
+
+    mlps = tuple(leanest(c) for c in problem.choices)
     assert any(mlps)
     assert keep_all(problem, mlps).predicted_peak < 0.9 * keep_all(problem).predicted_peak
 
@@ -256,14 +259,17 @@ def test_chunked_mlp_forward_skips_the_wide_values_and_matches():
         alternatives = [a for site in sites for a in site.alternatives
                         if a.name.startswith("mlp.")]
         # No max or compare downstream: offered without kernel_variants.
-        assert [a.name for a in alternatives] == ["mlp.backward_chunked", "mlp.chunked"] * 2
-        chunked = [a for a in alternatives if a.name == "mlp.chunked"]
-        for alternative in chunked:
+        # Small MLPs: one chunk by size, and ``CHUNKS`` offered too (``_fine``).
+        assert [a.name for a in alternatives] == [
+            "mlp.backward_chunked", "mlp.chunked", "mlp.backward_chunked_fine",
+            "mlp.chunked_fine"] * 2
+        for alternative in (a for a in alternatives if a.name.startswith("mlp.chunked")):
             # fc1 and the activation never made; nor, in the backward, ``a``'s gradient.
             targets = [d.target for d in alternative.drops]
             assert len(targets) == 4 and targets[0] in (aten.addmm.default, aten.mm.default)
             assert targets[2] is aten.mm.default
             assert targets[3] in (aten.gelu_backward.default, aten.silu_backward.default)
+        chunked = [a for a in alternatives if a.name == "mlp.chunked"]
         apply_rewrites(graph, [r for a in chunked for r in a.rewrites],
                        {n: n for n in graph.nodes})
         module.recompile()

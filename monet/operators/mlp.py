@@ -454,34 +454,41 @@ def mlp_sites(node: fx.Node) -> list[Site]:
         return []
     weight_grad = spec["weight_grad"]
     common = (spec["x2d"], spec["weight_t"], spec["bias"])
-    # The count is an argument of every rewrite, so the profile keys on it too.
+    # The count is an argument of every rewrite, so the profile keys on it too. Fewer
+    # chunks are faster, more hold less: where the size asks for fewer than ``CHUNKS``,
+    # both are offered (``_fine``: ``CHUNKS``), and the solver picks by budget.
     x2d, weight_t = (n.meta["val"] for n in common[:2])
-    chunks = chunk_count(x2d.shape[0], weight_t.shape[1], x2d.element_size())
+    by_size = chunk_count(x2d.shape[0], weight_t.shape[1], x2d.element_size())
     # ``a``'s gradient is never made whole: the fused node computes it a chunk at a time
     # from fc2's output gradient, and the ops that made it make nothing.
     hidden, hidden_dropped = unmade(spec["hidden"], _VIEWS)
-    rewrites = (
-        Rewrite(weight_grad, mlp_weight_grad_recompute, (
-            weight_grad.args[0], *common, spec["activation"], spec["approximate"],
-            spec["factors"], chunks)),
-        *hidden,
-        Rewrite(node, mlp_backward_chunked, (
-            spec["grad2d"], *common, spec["fc2_weight_t"], spec["activation"],
-            spec["approximate"], spec["factors"], chunks)),
-    )
-    alternatives = [Alternative("mlp.backward_chunked", rewrites, drops=tuple(hidden_dropped))]
     chain = _forward_chain(spec)
     if chain is not None:
         *skip, fc2 = chain
         # fc1, the activation (and a dropout-0 copy): their values are never made.
         forward, forward_dropped = unmade(skip, _VIEWS)
-        forward.append(Rewrite(fc2, mlp_forward_chunked, (
-            *common, spec["fc2_weight_t"], _fc1(fc2)[2], spec["activation"],
-            spec["approximate"], chunks)))
-        # fc2's output rounds differently by row chunk (about an ulp): harmless unless a
-        # discrete op downstream (a max-pool's argmax) could then decide otherwise.
-        alternatives.append(Alternative(
-            "mlp.chunked", (*rewrites, *forward),
-            drops=(*forward_dropped, *hidden_dropped),
-            forward_rounding=feeds_a_discrete_op(fc2)))
+    alternatives = []
+    for chunks in dict.fromkeys((by_size, CHUNKS)):
+        suffix = "" if chunks == by_size else "_fine"
+        rewrites = (
+            Rewrite(weight_grad, mlp_weight_grad_recompute, (
+                weight_grad.args[0], *common, spec["activation"], spec["approximate"],
+                spec["factors"], chunks)),
+            *hidden,
+            Rewrite(node, mlp_backward_chunked, (
+                spec["grad2d"], *common, spec["fc2_weight_t"], spec["activation"],
+                spec["approximate"], spec["factors"], chunks)),
+        )
+        alternatives.append(Alternative(f"mlp.backward_chunked{suffix}", rewrites,
+                                        drops=tuple(hidden_dropped)))
+        if chain is not None:
+            fused = Rewrite(fc2, mlp_forward_chunked, (
+                *common, spec["fc2_weight_t"], _fc1(fc2)[2], spec["activation"],
+                spec["approximate"], chunks))
+            # fc2's output rounds differently by row chunk (about an ulp): harmless unless
+            # a discrete op downstream (a max-pool's argmax) could then decide otherwise.
+            alternatives.append(Alternative(
+                f"mlp.chunked{suffix}", (*rewrites, *forward, fused),
+                drops=(*forward_dropped, *hidden_dropped),
+                forward_rounding=feeds_a_discrete_op(fc2)))
     return [Site(node.name, tuple(alternatives))]
