@@ -934,6 +934,32 @@ def test_rounded_lp_answers_reach_the_budget(seed, choices):
     assert bound == pytest.approx(Relaxation(problem, False).solve(budget, False).bound)
 
 
+def test_lowered_budgets_step_back_when_the_rounded_answer_gets_worse():
+    """A budget lowered past the best answer's, whose rounded answer peaks higher still,
+    is raised halfway back toward the best answer's budget (not lowered further)."""
+    from monet.solver.heuristic import _lower_until_fits
+    from monet.solver.relaxation import Relaxed
+
+    problem = random_problem(30, seed=0)
+    fitted = solve(problem, int(0.6 * keep_all(problem).predicted_peak), time_limit=3)
+    good = frozenset(a for a, _ in fitted.recompute)
+    budget = fitted.predicted_peak - 1  # the good answer is one byte over
+    targets = []
+
+    class Model:
+        def solve(self, target, integral=True, time_limit=5.0, variants=None):
+            targets.append(target)
+            # At or above the budget the good answer; below it nothing recomputed (worse).
+            return Relaxed(0.0, good if target >= budget else frozenset(), None)
+
+    answers, _, _ = _lower_until_fits(problem, Model(), budget, time.perf_counter() + 10,
+                                      4, integral=False)
+    assert [c.peak for c, _ in answers] == [budget + 1] + [keep_all(problem).predicted_peak] * 3
+    lowered = budget - budget // 200
+    back = (lowered + budget) // 2
+    assert targets == [budget, lowered, back, (back + budget) // 2]
+
+
 def test_relaxation_is_tighter_than_the_knapsack_on_a_larger_graph():
     from monet.solver.relaxation import relaxation_lower_bound
 
