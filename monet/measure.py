@@ -45,7 +45,6 @@ Limits:
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -62,6 +61,8 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._pytree import tree_leaves
+
+from monet.quiet import quiet_fd
 
 __all__ = [
     "MemoryMeasurement",
@@ -495,20 +496,6 @@ def rss_peak_subprocess(code: str, mmap_threshold: int = 65536, timeout: float =
     return result
 
 
-@contextlib.contextmanager
 def quiet_profiler():
     """Kineto prints start/stop lines on the process's stderr; keep them off the user's."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        sys.stderr.flush()
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    return quiet_fd(2)

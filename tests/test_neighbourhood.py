@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from test_solver import brute_force
 
 from monet.solver import _finish, keep_all, minimum_budget
 from monet.solver.heuristic import Candidate, variant_seconds
 from monet.solver.ilp import analyse, solve_cpsat
 from monet.solver.neighbourhood import KINDS, improve, neighbourhood
 from monet.solver.random_graphs import random_problem, with_random_choices
-from test_solver import brute_force
 
 
 def _problem_and_start(seed: int):

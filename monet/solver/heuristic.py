@@ -454,6 +454,7 @@ def _lower_until_fits(problem: Problem, model, budget: int, deadline: float, rou
     answers = []
     target, bound = budget, -math.inf
     admitted, refused, push = budget, None, 1
+    best_target = budget  # the budget whose answer peaked least
     for done in range(rounds):
         left = deadline - time.perf_counter()
         if left < 0.2 and (integral or done):
@@ -855,9 +856,9 @@ def leaner_at_peak(problem: Problem, start: Candidate, deadline: float, tries: i
     near |= {c for i, c in touched_nodes(problem).items()
              if any(live.intersection(nodes[k].storages) for k in nodes[i].inputs)}
     leanness = shared_alternative_bytes(problem)
-    options = sorted(((leanness[c][k] - leanness[c][variants[c]], c, k) for c in near
+    options = sorted((leanness[c][k] - leanness[c][variants[c]], c, k) for c in near
                       for k in range(len(problem.choices[c].alternatives))
-                      if k != variants[c] and leanness[c][k] < leanness[c][variants[c]]))
+                      if k != variants[c] and leanness[c][k] < leanness[c][variants[c]])
     best = None
     for _, c, k in options[:tries]:
         if time.perf_counter() >= deadline:

@@ -812,8 +812,8 @@ def solve_cpsat(
     if within is not None:
         for a in within.recomputed:
             model.Add(redo[a] == 1)
-        for a in st.ops:
-            if within.recomputable is not None and a not in within.recomputable:
+        if within.recomputable is not None:
+            for a in set(st.ops) - within.recomputable:
                 model.Add(redo[a] == 0)
         for c, k in within.variants.items():
             model.Add(pick[c, k] == 1)

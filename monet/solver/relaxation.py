@@ -39,8 +39,6 @@ graphs, where CP-SAT's own bound of the interval program stays near zero.
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -48,6 +46,7 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from monet.quiet import quiet_fd
 from monet.solver.bound import deferrable_bytes
 from monet.solver.heuristic import shared_alternative_bytes
 from monet.solver.ilp import analyse, runs_in_every_forward
@@ -126,15 +125,8 @@ def _quiet_highs():
     to the C-level standard output as it is made: that is sent to the null device."""
     import highspy
 
-    sys.stdout.flush()
-    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
+    with quiet_fd(1):
         highs = highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(null)
     highs.setOptionValue("output_flag", False)
     return highs
 
@@ -362,7 +354,6 @@ class Relaxation:
         Left out, ConvNeXt-T's answer at 0.5 of keep-everything's peak held 37 MiB
         the relaxation did not count: its blocks' outputs, recomputed to rebuild
         the next block and held for their norms' backward."""
-        n_forward = len(st.forward)
         for s in st.decision_storages:
             b = owner[s]
             if b not in st.recomputable:
@@ -686,7 +677,7 @@ class Relaxation:
                                  np.asarray(self.cost) * COST_SCALE)
             if self.logic:
                 logic = self._logic_rows()
-                self._add_rows(highs, logic.A.tocsr(), logic.lb, logic.ub)
+                self._add_rows(highs, logic.A, logic.lb, logic.ub)
             self._highs, self._rows = highs, {}
         highs = self._highs
         binding = self._binding(room)
