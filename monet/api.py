@@ -96,6 +96,9 @@ class Report:
     in_place: tuple[str, ...] = ()
     """Backward pointwise ops that write over a gradient dying with them (with variants on,
     every schedule runs them so; bit for bit the captured ops)."""
+    activations_in_place: tuple[str, ...] = ()
+    """Forward ReLUs (or hardtanhs) that write over an input nothing else reads after them
+    (with variants on, every schedule runs them so; bit for bit the captured ops)."""
     pool_from_indices: tuple[str, ...] = ()
     """Max-pool backwards that read the indices and not the pool's input (with variants on;
     bit for bit the captured ops)."""
@@ -154,6 +157,9 @@ class Report:
         if self.in_place:
             lines.append(f"  in place          {len(self.in_place)} backward ops write over a "
                          "gradient that dies with them")
+        if self.activations_in_place:
+            lines.append(f"  in place          {len(self.activations_in_place)} forward "
+                         "activations write over an input nothing else reads")
         if self.pool_from_indices:
             lines.append(f"  pool backward     {len(self.pool_from_indices)} max-pool backwards read "
                          "their indices, not the pool's input")
@@ -212,6 +218,7 @@ class OptimizedModule(MonetModule):
         budget_resolver: _Budget = self._budget
         eager = budget_resolver.eager_peaks.get(plan.key)
         schedule = plan.schedule
+        phase = {n.name: n.phase for n in plan.problem.nodes}
         return Report(
             eager_peak=eager,
             budget=int(plan.requested_budget or plan.problem.budget),
@@ -241,7 +248,9 @@ class OptimizedModule(MonetModule):
                 for choice, picked in zip(plan.problem.choices, schedule.variants)
                 if picked and choice.alternatives[picked].lossy
             ),
-            in_place=plan.in_place,
+            in_place=tuple(name for name in plan.in_place if phase[name] == "backward"),
+            activations_in_place=tuple(name for name in plan.in_place
+                                       if phase[name] == "forward"),
             pool_from_indices=tuple(
                 n.name for n in plan.problem.nodes if n.op == max_pool_backward_from_indices.__name__
             ),

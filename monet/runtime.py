@@ -58,7 +58,8 @@ class Plan:
     reserved: int = 0
     """Bytes of the user's budget held back for memory monet does not plan (``reserve=``)."""
     in_place: tuple[str, ...] = ()
-    """Backward ops that write over a gradient dying with them (every schedule runs them so)."""
+    """Ops that write over a value nothing reads after them: backward ones over a gradient,
+    forward activations over their input (every schedule runs them so)."""
 
 
 _CONSTANTS = (

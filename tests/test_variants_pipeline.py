@@ -472,16 +472,19 @@ def test_pointwise_backwards_write_over_dying_gradients(name, monkeypatch):
     model, _, x = _setup(name)
     analysed = analyse(capture(model, x))
     assert analysed.in_place and not analyse(capture(model, x), variants=False).in_place
-    ops = {str(r.node.target) for r in analysed.in_place}
+    problem = analysed.problem
+    backward = [r for r in analysed.in_place
+                if problem.nodes[analysed.index[r.node]].phase == "backward"]
+    assert backward
+    ops = {str(r.node.target) for r in backward}
     assert ops <= {"aten.threshold_backward.default", "aten.gelu_backward.default",
                    "aten.add.Tensor", "aten.mul.Tensor", "aten.div.Tensor", "aten.sub.Tensor"}
-    problem = analysed.problem
     for rewrite in analysed.in_place:
         node, host = (problem.nodes[analysed.index[n]] for n in (rewrite.node, rewrite.overwrites))
-        assert node.phase == host.phase == "backward"
+        assert node.phase == host.phase
         assert not node.allocates and node.storages == host.storages
     monkeypatch.setattr("monet.graph._written_in_place",
-                        lambda problem, index, rewrites, variant_reads: (problem, []))
+                        lambda problem, index, rewrites, *reads: (problem, []))
     separate = analyse(capture(model, x)).problem
     assert len(problem.storage_bytes) == len(separate.storage_bytes) - len(analysed.in_place)
     assert keep_all(problem).predicted_peak <= keep_all(separate).predicted_peak
@@ -489,7 +492,53 @@ def test_pointwise_backwards_write_over_dying_gradients(name, monkeypatch):
     monkeypatch.undo()
     model, _, x = _setup(name)
     report = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5).report()
-    assert len(report.in_place) == len(analysed.in_place) and "in place" in str(report)
+    assert len(report.in_place) == len(backward) and "in place" in str(report)
+    assert len(report.activations_in_place) == len(analysed.in_place) - len(backward)
+
+
+def test_forward_activations_write_over_inputs_nothing_else_reads(tmp_path):
+    """A ResNet's ReLU over a residual sum writes over the sum (its backward reads
+    nothing), counted as a view of it; a ReLU over a batch norm stays out of place (the
+    norm's backward from its output reads its input). Recomputing the sums reruns the
+    ReLUs over them: the run peaks where predicted and the step is eager's bit for bit."""
+    from monet.capture import capture
+    from monet.graph import analyse
+    from monet.solver.heuristic import evaluate
+    from monet.solver.ilp import analyse as structure_of
+    from monet.solver.schedule import Schedule
+
+    model, reference, x = _tiny_resnet()
+    analysed = analyse(capture(model, x))
+    problem, index = analysed.problem, analysed.index
+    forward = [r for r in analysed.in_place if problem.nodes[index[r.node]].phase == "forward"]
+    assert {str(r.overwrites.target) for r in forward} == {"aten.add.Tensor"}
+    relus = [n for n in analysed.order if n.target is aten.relu.default]
+    assert len(forward) == 2 and len(relus) == 5
+    for rewrite in forward:
+        node, host = problem.nodes[index[rewrite.node]], problem.nodes[index[rewrite.overwrites]]
+        assert not node.allocates and node.storages == host.storages
+
+    problem = monet.optimize(model, 1.0, (x,), measure=False, time_limit=5).last_plan.problem
+    names = {n.name: i for i, n in enumerate(problem.nodes)}
+    owner = problem.storage_owner()
+    sums = {owner[s] for r in forward for s in problem.nodes[names[r.node.name]].storages}
+    captured = (0,) * len(problem.choices)
+    applied = problem.apply(captured)
+    candidate = evaluate(applied, structure_of(applied), sums)
+    assert candidate is not None and {a for a, _ in candidate.recompute} == sums
+    schedule = Schedule(problem.graph_hash, None, candidate.kept, candidate.recompute,
+                        candidate.peak, candidate.overhead, "feasible", variants=captured)
+    path = tmp_path / "sums.json"
+    schedule.save(path)
+
+    model, reference, x = _tiny_resnet()
+    optimized = monet.optimize(model, schedule.predicted_peak, (x,), schedule=str(path),
+                               timing_repeats=0)
+    report = optimized.report()
+    assert len(report.activations_in_place) == 2 and "forward activations" in str(report)
+    assert report.recomputed == 2
+    assert report.measured_peak == pytest.approx(schedule.predicted_peak, rel=0.01)
+    assert_same_step(optimized, model, reference, x, {"rtol": 0, "atol": 0})
 
 
 def _revvit(batch: int = 2, image_size: int = 32):

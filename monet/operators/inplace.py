@@ -20,6 +20,16 @@ kernel reads a whole row's sum before it writes any of that row, so writing over
 the incoming gradient gives its result bit for bit; on an attention's N×N
 probabilities that is one N×N value fewer in the backward. The CUDA kernels are
 not checked here, so only CPU values are written over.
+
+A forward ReLU (or hardtanh) likewise writes over its input when nothing else
+reads that input's storage after it: a batch norm's, a residual sum's, a
+linear layer's output (their backwards read their inputs), where no variant
+reads it either (a batch norm's backward from its output does: see
+``graph._overwritten_forward``). The problem then counts the activation as a
+view of its input: keeping either keeps the one storage, and recomputing the
+activation from a kept input runs it on its own output, which gives that
+output again (both ops are idempotent). It drops one value at every run of
+the activation, in the forward and in a recomputation.
 """
 
 from __future__ import annotations
@@ -89,3 +99,37 @@ def in_place_rewrites(order: list[fx.Node], forward: set[fx.Node],
 def _on_cpu(value: object) -> bool:
     held = value.meta.get("val") if isinstance(value, fx.Node) else None
     return isinstance(held, torch.Tensor) and held.device.type == "cpu"
+
+
+
+# Forward activations whose in-place form, run again on its own output, gives that
+# output (what recomputing one from a kept, overwritten input does).
+_IDEMPOTENT = {str(op): in_place for op, in_place in (
+    (aten.relu.default, aten.relu_.default),
+    (aten.hardtanh.default, aten.hardtanh_.default),
+)}
+
+
+def activate_in_place(op: str, *args, **kwargs):
+    """Run the forward activation named ``op`` over its input (``args[0]``).
+
+    A plain function, not the mutating aten op: torch's partitioner keeps every
+    mutating op in the forward, and a recomputation runs it in the backward."""
+    return _IDEMPOTENT[op](*args, **kwargs)
+
+
+def forward_in_place_rewrites(order: list[fx.Node], forward: set[fx.Node],
+                              claimed: set[fx.Node]) -> list[Rewrite]:
+    """A rewrite for every forward ReLU or hardtanh (not ``claimed`` by a variant) that may
+    write over its input: a forward value it alone reads, laid out as its output.
+    ``graph.analyse`` keeps those whose input's storage nothing else reads later."""
+    rewrites = []
+    for node in order:
+        if (node.op != "call_function" or str(node.target) not in _IDEMPOTENT
+                or node not in forward or node in claimed):
+            continue
+        value = node.args[0]
+        if value in forward and overwritable(value, node):
+            rewrites.append(Rewrite(node, activate_in_place, (str(node.target), *node.args),
+                                    dict(node.kwargs), overwrites=value))
+    return rewrites
