@@ -31,7 +31,8 @@ KINDS.append(("vit", MLP))  # the ConvNet has no MLP
 KINDS += [("convnet", "batch_norm.backward_in_place"),
           ("convnet", "batch_norm.backward_from_output_in_place"),
           ("vit", "layer_norm.backward_in_place"),
-          ("vit", "layer_norm.backward_from_output_in_place")]
+          ("vit", "layer_norm.backward_from_output_in_place"),
+          ("vit", "layer_norm.backward_recomputed_stats")]
 
 
 @pytest.mark.parametrize("name,kind", KINDS)

@@ -9,6 +9,11 @@ one input) and runs aten's own backward. Reading ``y`` lets the solver drop ``x`
 pre-norm transformer that is the residual stream, twice per block (MONeT's
 "output-activated" norm, in-place ABN's inversion, for layer norm too).
 
+A layer norm's backward may instead compute the mean and inverse deviation
+again from the input (``layer_norm.backward_recomputed_stats``): the forward's
+statistics, two values per row, need not be kept. A batch norm's are two per
+channel, a few hundred bytes: not offered there.
+
 A weight with an exact zero cannot be inverted: the function refuses it
 (:class:`VariantRefused`), so profiling does not offer the variant, and a run
 whose weights became zero later stops with that error rather than a wrong
@@ -70,6 +75,28 @@ def layer_norm_backward_from_output(
     x = _input_from_output(out, weight, bias, mean, rstd)
     return aten.native_layer_norm_backward.default(
         grad_out, x, normalized_shape, mean, rstd, weight, bias, output_mask
+    )
+
+
+def layer_norm_backward_recomputed_stats(
+    grad_out: torch.Tensor,
+    inp: torch.Tensor,
+    normalized_shape: list[int],
+    eps: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    output_mask: list[bool],
+    stats_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``aten.native_layer_norm_backward`` with the mean and inverse deviation computed
+    again from the input (one pass over it), so the forward's need not be kept."""
+    dims = tuple(range(inp.dim() - len(normalized_shape), inp.dim()))
+    work = torch.promote_types(inp.dtype, torch.float32)
+    var, mean = torch.var_mean(inp.to(work), dims, correction=0, keepdim=True)
+    rstd = var.add_(eps).rsqrt_()
+    return aten.native_layer_norm_backward.default(
+        grad_out, inp, normalized_shape, mean.to(stats_dtype), rstd.to(stats_dtype), weight,
+        bias, output_mask,
     )
 
 
@@ -291,6 +318,13 @@ def layer_norm_sites(node: fx.Node) -> list[Site]:
         (grad_out, out, normalized_shape, mean, rstd, weight, bias, output_mask),
     )
     alternatives = [Alternative("layer_norm.backward_from_output", (rewrite,))]
+    stats = mean.meta.get("val") if isinstance(mean, fx.Node) else None
+    if isinstance(stats, torch.Tensor) and len(forward.args) == 5:
+        alternatives.append(Alternative("layer_norm.backward_recomputed_stats", (Rewrite(
+            node, layer_norm_backward_recomputed_stats,
+            (grad_out, inp, normalized_shape, forward.args[4], weight, bias, output_mask,
+             stats.dtype),
+        ),)))
     # overwritable() has checked that grad_out is a node holding a dense tensor.
     if (output_mask[0] and overwritable(grad_out, node)
             and grad_out.meta["val"].is_contiguous()):

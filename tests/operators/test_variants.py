@@ -16,6 +16,7 @@ from monet.operators.norms import (
     layer_norm_backward_from_output,
     layer_norm_backward_from_output_in_place,
     layer_norm_backward_in_place,
+    layer_norm_backward_recomputed_stats,
 )
 
 aten = torch.ops.aten
@@ -54,6 +55,29 @@ def test_layer_norm_backward_from_output(shape, mask, affine_kind):
     actual = layer_norm_backward_from_output(grad, out, normalized, mean, rstd, weight, bias,
                                              mask)
     close(actual, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (2, 7, 33), (1, 1, 16), (3, 4, 2, 9)])
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
+@pytest.mark.parametrize("affine_kind", ["both", "weight", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_backward_recomputed_stats(shape, mask, affine_kind, dtype):
+    generator = torch.Generator().manual_seed(sum(shape))
+    normalized = list(shape[-1:]) if len(shape) < 4 else list(shape[-2:])
+    x = (3 * torch.randn(shape, generator=generator) + 1).to(dtype)
+    weight, bias = (p.to(dtype) for p in affine(normalized, generator))
+    weight = None if affine_kind == "none" else weight
+    bias = None if affine_kind != "both" else bias
+    _, mean, rstd = aten.native_layer_norm(x, normalized, weight, bias, 1e-5)
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    mask = [mask[0], mask[1] and weight is not None, mask[2] and bias is not None]
+    expected = aten.native_layer_norm_backward(grad, x, normalized, mean, rstd, weight, bias, mask)
+    actual = layer_norm_backward_recomputed_stats(grad, x, normalized, 1e-5, weight, bias, mask,
+                                                  mean.dtype)
+    if dtype == torch.float32:
+        close(actual, expected)
+    else:  # the statistics round to bfloat16's 8 bits differently, at most by an ulp
+        close(actual, expected, rtol=2 ** -6, atol=2 ** -6)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 5, 5), (4, 8, 7, 3), (2, 5, 11), (3, 6)])
