@@ -14,7 +14,6 @@ from torch import nn
 
 from monet.capture import flat_tensors, preserved_state
 from monet.config import Config
-from monet.operators.pooling import max_pool_backward_from_indices
 from monet.runtime import MonetModule, Plan, backward_step, signature
 from monet.solver.schedule import format_bytes
 
@@ -99,9 +98,6 @@ class Report:
     activations_in_place: tuple[str, ...] = ()
     """Forward ReLUs (or hardtanhs) that write over an input nothing else reads after them
     (with variants on, every schedule runs them so; bit for bit the captured ops)."""
-    pool_from_indices: tuple[str, ...] = ()
-    """Max-pool backwards that read the indices and not the pool's input (with variants on;
-    bit for bit the captured ops)."""
 
     @property
     def overhead(self) -> float | None:
@@ -160,9 +156,6 @@ class Report:
         if self.activations_in_place:
             lines.append(f"  in place          {len(self.activations_in_place)} forward "
                          "activations write over an input nothing else reads")
-        if self.pool_from_indices:
-            lines.append(f"  pool backward     {len(self.pool_from_indices)} max-pool backwards read "
-                         "their indices, not the pool's input")
         return "\n".join(lines)
 
 
@@ -251,9 +244,6 @@ class OptimizedModule(MonetModule):
             in_place=tuple(name for name in plan.in_place if phase[name] == "backward"),
             activations_in_place=tuple(name for name in plan.in_place
                                        if phase[name] == "forward"),
-            pool_from_indices=tuple(
-                n.name for n in plan.problem.nodes if n.op == max_pool_backward_from_indices.__name__
-            ),
         )
 
 

@@ -86,17 +86,14 @@ def analyse(
 
     With ``variants``, the subgraphs that a variant replaces as a whole (an MLP's backward
     into one node; with ``attention``, a written-out attention's into three) are first
-    fused, in ``joint`` itself; those nodes run the captured ops, so the default step is unchanged;
-    and a max-pool's backward reads no pool input (:mod:`monet.operators.pooling`), bit
-    for bit the same.
+    fused, in ``joint`` itself; those nodes run the captured ops, so the default step is
+    unchanged.
     """
     if variants:
         from monet.operators.attention import fuse_attention_backwards
         from monet.operators.mlp import fuse_mlp_backwards
-        from monet.operators.pooling import pool_backwards_from_indices
         from monet.operators.reversible import expose_twins
 
-        pool_backwards_from_indices(joint.module)
         fuse_mlp_backwards(joint.module)
         if attention:
             fuse_attention_backwards(joint.module)

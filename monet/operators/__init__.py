@@ -122,10 +122,10 @@ def overwritable(value: object, node: fx.Node) -> bool:
 
 
 def _finders() -> list[Finder]:
-    from monet.operators import attention, conv, mlp, norms
+    from monet.operators import attention, conv, mlp, norms, pooling
 
     return [norms.layer_norm_sites, norms.batch_norm_sites, conv.convolution_sites,
-            mlp.mlp_sites, attention.attention_sites]
+            mlp.mlp_sites, attention.attention_sites, pooling.max_pool_sites]
 
 
 def find_sites(

@@ -6,8 +6,10 @@ say. Given an uninitialised tensor of that shape and format instead, it returns
 the captured op's result bit for bit (``tests/operators``), and the input need
 not live until the pool's backward. On Hiera (SAM2) the pooled query is a view
 of the fused q/k/v projection, so the whole projection was held past the
-attention's backward for it. No choice: with variants on, every such backward
-runs so; the stand-in is workspace, measured by the profile like any other.
+attention's backward for it. The stand-in is workspace of the input's size, so
+this is a choice: where the input is live anyway at the pool's backward (a
+ResNet's stem, whose ReLU's backward reads the same value later) the captured
+op costs nothing and the stand-in would add the input's bytes at that step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import torch
 from torch import fx
 from torch._prims_common import suggest_memory_format
 
+from monet.operators import Alternative, Rewrite, Site
+
 aten = torch.ops.aten
+
+FROM_INDICES = "max_pool.backward_from_indices"
 
 
 def max_pool_backward_from_indices(grad_output, like, kernel_size, stride, padding, dilation,
@@ -29,23 +35,15 @@ def max_pool_backward_from_indices(grad_output, like, kernel_size, stride, paddi
         grad_output, stand_in, kernel_size, stride, padding, dilation, ceil_mode, indices)
 
 
-def pool_backwards_from_indices(module: fx.GraphModule) -> int:
-    """Rewrite every max-pool backward of a joint graph to read no pool input; returns
-    how many."""
-    count = 0
-    for node in module.graph.nodes:
-        if (node.op != "call_function"
-                or node.target is not aten.max_pool2d_with_indices_backward.default
-                or node.kwargs or len(node.args) != 8):
-            continue
-        value = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
-        if not isinstance(value, torch.Tensor):
-            continue
-        like = (tuple(value.shape), value.dtype, value.device, suggest_memory_format(value))
-        node.target = max_pool_backward_from_indices
-        node.args = (node.args[0], like, *node.args[2:])
-        count += 1
-    if count:
-        module.graph.lint()
-        module.recompile()
-    return count
+def max_pool_sites(node: fx.Node) -> list[Site]:
+    """A max-pool backward that reads the gradient and the indices, not the pool's input."""
+    if (node.op != "call_function"
+            or node.target is not aten.max_pool2d_with_indices_backward.default
+            or node.kwargs or len(node.args) != 8):
+        return []
+    value = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        return []
+    like = (tuple(value.shape), value.dtype, value.device, suggest_memory_format(value))
+    rewrite = Rewrite(node, max_pool_backward_from_indices, (node.args[0], like, *node.args[2:]))
+    return [Site(node.name, (Alternative(FROM_INDICES, (rewrite,)),))]
