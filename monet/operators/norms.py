@@ -89,8 +89,17 @@ def layer_norm_backward_recomputed_stats(
     stats_dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``aten.native_layer_norm_backward`` with the mean and inverse deviation computed
-    again from the input (one pass over it), so the forward's need not be kept."""
-    dims = tuple(range(inp.dim() - len(normalized_shape), inp.dim()))
+    again from the input (one pass over it), so the forward's need not be kept.
+
+    The statistics take the dtype aten's forward gives them on this device (float32 for
+    a bfloat16 input with float32 weights under CPU autocast, where the traced graph
+    says bfloat16): that of a one-row forward, else ``stats_dtype``."""
+    batch = inp.dim() - len(normalized_shape)
+    dims = tuple(range(batch, inp.dim()))
+    if inp.numel():
+        row = inp[(slice(0, 1),) * batch]
+        stats_dtype = aten.native_layer_norm.default(row, normalized_shape, weight, bias,
+                                                     eps)[1].dtype
     work = torch.promote_types(inp.dtype, torch.float32)
     var, mean = torch.var_mean(inp.to(work), dims, correction=0, keepdim=True)
     rstd = var.add_(eps).rsqrt_()
