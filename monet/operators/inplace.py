@@ -21,10 +21,10 @@ the incoming gradient gives its result bit for bit; on an attention's N×N
 probabilities that is one N×N value fewer in the backward. The CUDA kernels are
 not checked here, so only CPU values are written over.
 
-A forward ReLU (or hardtanh) likewise writes over its input when nothing else
-reads that input's storage after it: a batch norm's, a residual sum's, a
-linear layer's output (their backwards read their inputs), where no variant
-reads it either (a batch norm's backward from its output does: see
+A forward ReLU (or hardtanh) likewise writes over its input when nothing reads
+that input's storage after it, neither the graph nor any variant: a residual
+sum's or a linear layer's output (their backwards read their inputs); not a
+batch norm's, which the norm's backward from its output reads (see
 ``graph._overwritten_forward``). The problem then counts the activation as a
 view of its input: keeping either keeps the one storage, and recomputing the
 activation from a kept input runs it on its own output, which gives that
