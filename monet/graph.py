@@ -225,11 +225,15 @@ def _written_in_place(problem: Problem, index: dict[fx.Node, int], rewrites: lis
     for rewrite in rewrites:
         at = index[rewrite.node]
         node, host = nodes[at], nodes[index[rewrite.overwrites]]
-        sound = (overwritten.get(index[rewrite.overwrites]) == at if node.phase == "forward"
-                 else bool(host.storages) and host.storages[0] in dying.get(at, ()))
-        if (len(host.storages) == 1 and sound
-                and len(node.allocates) == 1 and node.storages == node.allocates
+        if not (len(host.storages) == 1 and len(node.allocates) == 1
+                and node.storages == node.allocates
                 and sizes[node.allocates[0]] == sizes[host.storages[0]]):
+            continue
+        if node.phase == "forward":
+            sound = overwritten.get(index[rewrite.overwrites]) == at
+        else:
+            sound = host.storages[0] in dying.get(at, ())
+        if sound:
             into[node.allocates[0]] = host.storages[0]
             kept.append(rewrite)
     if not kept:
