@@ -602,7 +602,7 @@ def test_schedule_for_another_graph_is_refused(tmp_path):
     *((6, True, seed) for seed in (90, 93, 96, 98)),
 ])
 def test_relaxation_bounds_the_brute_force_optimum(ops, choices, seed):
-    from monet.solver.relaxation import relaxation_lower_bound, solve_relaxation
+    from monet.solver.relaxation import BackgroundBound, relaxation_lower_bound, solve_relaxation
 
     problem = random_problem(ops, seed=seed, workspace_probability=0.3)
     if choices:
@@ -619,12 +619,40 @@ def test_relaxation_bounds_the_brute_force_optimum(ops, choices, seed):
             continue  # any bound is valid; infinite ones are checked below
         assert lp <= relaxation.bound + 1e-12  # the 0/1 program is tighter
         assert relaxation.bound <= expected + 1e-12
+        # The same program solved on ``solve``'s second thread.
+        assert BackgroundBound(problem, budget, 5.0).result(wait=10.0) == pytest.approx(
+            relaxation.bound, abs=1e-9)
     # Below the proven floor nothing fits, and the relaxation says so.
     from monet.solver.bound import budget_lower_bound
 
     floor = budget_lower_bound(problem)
     if floor > 1:
         assert solve_relaxation(problem, 1).bound == float("inf")
+
+
+def test_solve_takes_the_bound_its_second_thread_proves(monkeypatch):
+    """The relaxation's 0/1 program runs beside the heuristics; what it proves is the
+    schedule's bound where nothing else proves more. Here the other bounds are held to
+    the LP's (below the 0/1 program's) and the exact back end gets no time."""
+    from monet import solver
+    from monet.solver.relaxation import BackgroundBound, relaxation_lower_bound, solve_relaxation
+
+    problem = with_random_choices(random_problem(60, seed=1, workspace_probability=0.3),
+                                  seed=1)
+    budget = int(0.6 * keep_all(problem).predicted_peak)
+    lp = relaxation_lower_bound(problem, budget)
+    proven = solve_relaxation(problem, budget, integral=True, time_limit=10).bound
+    assert lp < proven - 1e-3  # 0.0 against 17.8 ms
+    started = BackgroundBound(problem, budget, 30.0)
+    assert started.result(wait=0.0) == -math.inf  # asked before it is done: none
+    relax = solver.relax_and_repair
+    monkeypatch.setattr(solver, "relax_and_repair",
+                        lambda *a, **k: (relax(*a, **k)[0], lp))
+    monkeypatch.setattr(solver, "MIN_EXACT_SECONDS", 100.0)
+    schedule = solve(problem, budget, time_limit=2.0, coarsen_first=False)
+    assert schedule.status == "heuristic"
+    assert schedule.bound == pytest.approx(min(proven, schedule.predicted_overhead), abs=1e-9)
+    assert started.result(wait=30.0) == pytest.approx(proven, abs=1e-9)
 
 
 @pytest.mark.parametrize("backend", ["cpsat", "milp"])
