@@ -120,3 +120,47 @@ def test_exchange_also_switches_operator_variants(seed):
                      "heuristic", variants=found.variants)
     assert simulate(problem, build_program(problem, draft)).peak == found.peak <= budget
     assert found.overhead == pytest.approx(added_seconds(problem, found))
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_exchange_tries_a_kernel_that_needs_less_workspace_at_the_peak(seed, monkeypatch):
+    """A backward node at the peak gets an alternative that reads the same values, runs a
+    little slower and needs no workspace (a convolution's native kernel): it holds no
+    fewer bytes, so only its workspace can make room, and the search that tries it
+    drops recomputations instead of paying for them."""
+    from dataclasses import replace
+
+    from monet.solver import heuristic
+    from monet.solver.heuristic import Candidate
+    from monet.solver.problem import Alternative, Choice, Override
+
+    plain = random_problem(60, seed=seed)
+    profile = simulate(plain, build_program(plain, keep_all(plain)))
+    at_peak = next(i for i, n in enumerate(plain.nodes)
+                   if n.name == profile.peak_node and n.phase == "backward")
+    extra = profile.peak // 4
+    nodes = list(plain.nodes)
+    node = nodes[at_peak]
+    nodes[at_peak] = replace(node, workspace=node.workspace + extra)
+    lean = Alternative("lean", (Override(at_peak, node.inputs, node.time * 1.05 + 1e-6, 0),))
+    problem = replace(plain, nodes=tuple(nodes),
+                      choices=(Choice(node.name, (Alternative("default"), lean)),))
+    budget = profile.peak + extra // 2  # the lean kernel fits with everything kept
+    default = problem.default_variants()
+    applied = problem.apply(default)
+    structure = analyse(applied)
+    fitting = evaluate(applied, structure, set(ranking(applied, structure)))
+    assert fitting is not None and fitting.peak <= budget
+    start = Candidate(fitting.kept, fitting.recompute, fitting.peak, fitting.overhead, default)
+    assert start.overhead > lean.overrides[0].time - node.time
+
+    found = exchange(problem, start, budget, time.perf_counter() + 10)
+    assert found.variants == (1,)
+    assert found.overhead < start.overhead
+    draft = Schedule(problem.graph_hash, budget, found.kept, found.recompute, 0, 0.0,
+                     "heuristic", variants=found.variants)
+    assert simulate(problem, build_program(problem, draft)).peak == found.peak <= budget
+    assert found.overhead == pytest.approx(added_seconds(problem, found))
+    # Ranked with the variants that hold fewer bytes, it is never tried.
+    monkeypatch.setattr(heuristic, "WORKSPACE_SWITCHES", 0)
+    assert exchange(problem, start, budget, time.perf_counter() + 10).variants == default

@@ -673,6 +673,10 @@ NEAR_MISS = 1.06
 model overstates the peak by up to a few percent on the zoo's graphs."""
 
 
+WORKSPACE_SWITCHES = 2
+"""Switches per pass of :func:`exchange` that only save workspace (:func:`_workspace_switches`)."""
+
+
 def exchange(problem: Problem, start: Candidate, budget: int, deadline: float,
              additions: int = 8, options: int = 12, switches: int = 8) -> Candidate:
     """Local search from ``start`` (within ``budget``) over what is recomputed and
@@ -682,7 +686,8 @@ def exchange(problem: Problem, start: Candidate, budget: int, deadline: float,
     (``time.perf_counter()``) passes:
 
     * run another alternative of one choice (the ``switches`` best of
-      :func:`_switches` per pass), refill if it no longer fits, then keep every
+      :func:`_switches` per pass, and the ``WORKSPACE_SWITCHES`` best of
+      :func:`_workspace_switches`), refill if it no longer fits, then keep every
       recomputed op the budget does without;
     * stop recomputing one op (most expensive first) and make room for what that
       keeps by recomputing cheaper ones (:func:`_refill`).
@@ -698,12 +703,10 @@ def exchange(problem: Problem, start: Candidate, budget: int, deadline: float,
             contexts[variants] = _Context.of(problem, variants)
         return contexts[variants]
 
-    best = replace(start, variants=start.variants or problem.default_variants())
-    redo = {a for a, _ in best.recompute}
-    improved = True
-    while improved and time.perf_counter() < deadline:
-        improved = False
-        for variants in _switches(problem, best.variants)[:switches]:
+    def switch(best: Candidate) -> Candidate:
+        redo = {b for b, _ in best.recompute}
+        for variants in (_switches(problem, best.variants)[:switches]
+                         + _workspace_switches(problem, best.variants)[:WORKSPACE_SWITCHES]):
             if time.perf_counter() >= deadline:
                 break
             there = context(variants)
@@ -715,8 +718,12 @@ def exchange(problem: Problem, start: Candidate, budget: int, deadline: float,
                 # or the search can cycle through worse answers until its deadline.
                 found = there.simulated(found, budget)
                 if found is not None and found.overhead < best.overhead:
-                    best, improved = found, True
+                    best = found
                     redo = {b for b, _ in best.recompute}
+        return best
+
+    def drop(best: Candidate) -> Candidate:
+        redo = {b for b, _ in best.recompute}
         here = context(best.variants)
         for a in sorted(redo, key=lambda a: -here.structure.cost[a]):
             if time.perf_counter() >= deadline:
@@ -727,8 +734,18 @@ def exchange(problem: Problem, start: Candidate, budget: int, deadline: float,
                             options)
             found = found and here.simulated(found, budget)
             if found is not None and found.overhead < best.overhead:
-                best, improved = found, True
+                best = found
                 redo = {b for b, _ in best.recompute}
+        return best
+
+    best = replace(start, variants=start.variants or problem.default_variants())
+    improved = True
+    while improved and time.perf_counter() < deadline:
+        improved = False
+        for move in (switch, drop):
+            found = move(best)
+            improved |= found is not best
+            best = found
     return best
 
 
@@ -881,8 +898,7 @@ def _switches(problem: Problem, variants: tuple[int, ...]) -> list[tuple[int, ..
     cached = shared_alternative_bytes(problem)
     ranked = []
     for c, choice in enumerate(problem.choices):
-        seconds = [sum(o.time - problem.nodes[o.node].time for o in a.overrides)
-                   for a in choice.alternatives]
+        seconds = _alternative_seconds(problem, choice)
         now = variants[c]
         for k in range(len(choice.alternatives)):
             added = seconds[k] - seconds[now]
@@ -891,6 +907,36 @@ def _switches(problem: Problem, variants: tuple[int, ...]) -> list[tuple[int, ..
                 continue
             ranked.append((added >= 0, -saved, added, c, k))
     return [variants[:c] + (k,) + variants[c + 1:] for *_, c, k in sorted(ranked)]
+
+
+def _workspace_switches(problem: Problem, variants: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The variant vectors that differ from ``variants`` in one choice whose alternative
+    holds no fewer bytes and is no faster but needs less workspace, the most saved
+    first: a kernel that needs less scratch space where the peak may be. :func:`_switches`
+    leaves them out, as they lower the peak only where that node runs at it (SAM2
+    Hiera-T at 0.3 of eager's peak: the native kernel of a convolution's backward needs
+    72 MiB less there, and the search that tries it adds 774.6 ms against 836.7; ranked
+    with the rest by bytes, ConvNeXt-T's such switches, far from its peak, took the
+    search's time: 58.4 ms added at 0.5 against 54.2, medians of four)."""
+    cached = shared_alternative_bytes(problem)
+    ranked = []
+    for c, choice in enumerate(problem.choices):
+        seconds = _alternative_seconds(problem, choice)
+        workspace = [sum(o.workspace - problem.nodes[o.node].workspace for o in a.overrides)
+                     for a in choice.alternatives]
+        now = variants[c]
+        for k in range(len(choice.alternatives)):
+            less = workspace[now] - workspace[k]
+            if (k != now and less > 0 and seconds[k] >= seconds[now]
+                    and cached[c][k] >= cached[c][now]):
+                ranked.append((-less, seconds[k] - seconds[now], c, k))
+    return [variants[:c] + (k,) + variants[c + 1:] for *_, c, k in sorted(ranked)]
+
+
+def _alternative_seconds(problem: Problem, choice) -> list[float]:
+    """Seconds each alternative of ``choice`` adds to the captured step."""
+    return [sum(o.time - problem.nodes[o.node].time for o in a.overrides)
+            for a in choice.alternatives]
 
 
 def _producers(structure: Structure, owner, kept: set[int], redo: set[int], a: int,
