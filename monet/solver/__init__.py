@@ -55,16 +55,14 @@ __all__ = [
 ]
 
 BACKENDS = ("cpsat", "milp")
-RELAXATION_SHARE = 0.3
+RELAXATION_SHARE = 0.45
 """Share of ``solve``'s time limit for the interval relaxation (bound and repaired starts)
-and the repair on the simulator. 0.45 until 2026-12-07, with CP-SAT in the neighbourhood of
-the best start (:func:`monet.solver.neighbourhood.improve`) for up to 0.2 of the limit before
-the exchange search; the exchange search given that time does better on the zoo's problems
-of that day (three 10 s solves each, medians: ConvNeXt-T at 0.5 of its keep-all peak 63.9 ->
-58.4 ms added, MViTv2-T at 0.5 71.2 -> 67.9, the ViT demo at 0.3 93.2 -> 73.7; SAM2 at 0.3
-and 0.5, ConvNeXt-T and MViTv2-T at 0.7, RevViT-S at 0.5 and the ViT demo at 0.5 the same).
-From one fitted start on ConvNeXt-T, the exchange search reaches 63.9 / 58.4 / 54.2 ms in
-1 / 2 / 4 s."""
+and the repair on the simulator. 0.3 from commit 17ec61b to a4306f2 (with CP-SAT's
+neighbourhood step dropped, which stays out): on the random 3,000-node graph at 0.5 of
+keep-all's peak its rounds then found no fitting answer in time (1,115 ms added against
+121.6), and the ViT demo at 0.3 of eager's peak once found no schedule; two 10 s solves
+each, 0.45 against 0.3: MViTv2-T at 0.5 68.3 / 70.1 against 67.9 / 67.9 ms, ConvNeXt-T at
+0.5 58.4 / 64.3 against 58.4 / 58.4, SAM2 Hiera-T at 0.3 774.6 in all four."""
 DESCENT_SHARE = 0.25
 """Share of ``minimum_budget``'s time limit for the greedy descent on the peak."""
 SCAN_SHARE = 0.2
@@ -88,7 +86,7 @@ FIXED_SHARE = 0.5
 """Share of ``minimum_budget``'s time left for the exact back end with the start's variants
 fixed, before the joint model."""
 BACKGROUND_SHARE = 0.75
-"""Share of ``solve``'s time limit the relaxation's 0/1 program gets on a second thread
+"""Share of ``solve``'s time limit the relaxation's 0/1 program gets in a child process
 for the bound (:class:`monet.solver.relaxation.BackgroundBound`), from the start: the
 heuristics run on one core until about then (SAM2 Hiera-T at 0.5 of eager's peak:
 139.5 ms proven; started with the exchange search instead, which then converged early,
@@ -323,7 +321,7 @@ def solve(
     The heuristics give feasible starts in a fraction of ``time_limit``
     (``SCAN_SHARE``: the ranked-recomputation and checkpoint-style scans;
     ``RELAXATION_SHARE``: the interval relaxation's repaired answers and its
-    bound; its 0/1 program proves a bound on a second thread meanwhile); the
+    bound; its 0/1 program proves a bound in a child process meanwhile); the
     exact back end (``"cpsat"``, OR-tools CP-SAT, or ``"milp"``, HiGHS through
     cvxpy, for graphs up to a few hundred nodes) improves on the
     best of them in the time left and bounds the gap. The whole solve, coarsening
@@ -444,7 +442,7 @@ def solve(
 
 
 def _proven(background: BackgroundBound, deadline: float) -> float:
-    """The second thread's bound, waited for until its own time limit (a little past:
+    """The child process's bound, waited for until its own time limit (a little past:
     HiGHS overruns it by tenths of a second) but not past ``deadline``; ``-inf`` when
     there is none. Its ``inf`` (nothing fits the relaxation) is left to the other
     bounds: where the program's peaks are not the simulator's it proves nothing."""

@@ -38,10 +38,15 @@ graphs, where CP-SAT's own bound of the interval program stays near zero.
 
 from __future__ import annotations
 
+import json
 import math
-import threading
+import subprocess
+import sys
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import sparse
@@ -114,33 +119,77 @@ def budget_bound(problem: Problem, time_limit: float = 1.0, tolerance: float = 0
 
 
 class BackgroundBound:
-    """The relaxation's 0/1 program at one budget, solved by HiGHS on a thread while the
-    caller goes on: HiGHS releases the GIL, and ``solve``'s heuristics are single-threaded
-    Python, so on two cores the bound costs them little. Its proven bound is the 0/1
-    program's, above the LP's (SAM2 Hiera-T at 0.3 of eager's peak: 626 ms against the
-    LP's 587.7 after 3 s, where ``solve``'s own 0/1 solves had run out of time).
-    HiGHS is not interrupted (user interrupts are not honoured before its root node is
-    done): the thread ends at ``time_limit``, and a bound asked for sooner is none."""
+    """The relaxation's 0/1 program at one budget, solved by HiGHS in a child process
+    while the caller goes on: ``solve``'s heuristics are single-threaded, so on two
+    cores the bound costs them little. Its proven bound is the 0/1 program's, above
+    the LP's (SAM2 Hiera-T at 0.3 of eager's peak: 626 ms against the LP's 587.7 after
+    3 s, where ``solve``'s own 0/1 solves had run out of time). A process, not a
+    thread: HiGHS cannot be interrupted before its root node is done and has overrun
+    its time limit by seconds on large graphs (a thread would run on into the solves
+    after), and building the model in Python would hold the GIL the heuristics need.
+    The process is killed when its answer is asked for."""
 
     def __init__(self, problem: Problem, budget: int, time_limit: float):
-        self._bound = -math.inf
         self.deadline = time.perf_counter() + time_limit
-        self._thread = threading.Thread(target=self._run, args=(problem, budget, time_limit),
-                                        name="monet-relaxation-bound", daemon=True)
-        self._thread.start()
-
-    def _run(self, problem: Problem, budget: int, time_limit: float) -> None:
-        started = time.perf_counter()
-        model = Relaxation(problem)
-        left = time_limit - (time.perf_counter() - started)
-        if left > 0.2:
-            self._bound = model.solve(budget, integral=True, time_limit=left).bound
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+            json.dump(problem.to_json(), file)
+        self._path = file.name
+        package = str(Path(__file__).resolve().parent.parent)
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, package, self._path, str(budget),
+             repr(time.time() + time_limit)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True)
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._path)
 
     def result(self, wait: float = 0.0) -> float:
         """The proven bound (``-inf``: none, or the solve not done within ``wait``
-        seconds; ``inf``: no schedule fits the relaxation)."""
-        self._thread.join(max(wait, 0.0))
-        return -math.inf if self._thread.is_alive() else self._bound
+        seconds; ``inf``: no schedule fits the relaxation). The process is stopped."""
+        try:
+            # An exited process is read whole (a zero timeout may stop before that).
+            out, _ = self._process.communicate(
+                timeout=None if self._process.poll() is not None else max(wait, 0.0))
+        except subprocess.TimeoutExpired:
+            out = ""
+        self._finalizer()
+        try:  # the last line: HiGHS writes some of its own to standard output
+            return float(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return -math.inf
+
+
+_CHILD = (
+    "import sys, types\n"
+    # The solver imports no torch; the package's __init__ does (1.6 s of the child's
+    # start): the package is stood in for by an empty module over its directory.
+    "package = types.ModuleType('monet')\n"
+    "package.__path__ = [sys.argv[1]]\n"
+    "sys.modules['monet'] = package\n"
+    "from monet.solver.relaxation import _background_main\n"
+    "_background_main(sys.argv[2:])\n"
+)
+
+
+def _stop(process: subprocess.Popen, path: str) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+    Path(path).unlink(missing_ok=True)
+
+
+def _background_main(argv: list[str]) -> None:
+    """:class:`BackgroundBound`'s child: the bound on standard output (``-inf`` on any
+    failure: the caller then goes without it)."""
+    try:
+        problem = Problem.load(argv[0])
+        budget, deadline = int(argv[1]), float(argv[2])  # the deadline: wall-clock seconds
+        model = Relaxation(problem)
+        left = deadline - time.time()
+        bound = model.solve(budget, integral=True, time_limit=left).bound if left > 0.2 else (
+            -math.inf)
+    except Exception:  # noqa: BLE001 - any failure only loses the bound
+        bound = -math.inf
+    print(repr(bound), flush=True)
 
 
 WHOLE = 1e-6
