@@ -38,8 +38,8 @@ graphs, where CP-SAT's own bound of the interval program stays near zero.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -131,9 +131,9 @@ class BackgroundBound:
 
     def __init__(self, problem: Problem, budget: int, time_limit: float):
         self.deadline = time.perf_counter() + time_limit
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
-            json.dump(problem.to_json(), file)
-        self._path = file.name
+        handle, self._path = tempfile.mkstemp(prefix="monet-bound-", suffix=".json")
+        os.close(handle)
+        problem.save(self._path)
         package = str(Path(__file__).resolve().parent.parent)
         self._process = subprocess.Popen(
             [sys.executable, "-c", _CHILD, package, self._path, str(budget),
