@@ -900,9 +900,9 @@ def test_a_split_choice_is_held_to_its_leanest_part():
 
 @pytest.mark.parametrize("choices", [False, True])
 def test_relaxation_lp_meets_every_point_not_only_the_rows_it_keeps(choices):
-    """The LP keeps one memory row per run of points covered by the same terms (the one
-    with least room): its answer fits the budget at every point all the same, also
-    after a solve at a higher budget (the kept model's rows then move)."""
+    """The LP bounds one load column per run of points covered by the same terms (by
+    the least room in the run): its answer fits the budget at every point all the same,
+    also after a solve at a higher budget (the kept model's bounds then move)."""
     import numpy as np
 
     from monet.solver.relaxation import Relaxation
@@ -920,6 +920,41 @@ def test_relaxation_lp_meets_every_point_not_only_the_rows_it_keeps(choices):
             load[lo] += x[column] * amount
             load[hi + 1] -= x[column] * amount
         assert (model.level + np.cumsum(load)[:-1] <= budget * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("seed", [2, 7])
+def test_the_lp_s_chain_of_loads_is_its_memory_row_per_point(seed):
+    """The LP's memory as a chain of load columns is the same LP as a row per binding
+    point holding every term that covers it (the 0/1 program's form): same optimum."""
+    import numpy as np
+    from scipy.optimize import linprog
+
+    from monet.solver.relaxation import Relaxation
+
+    problem = with_random_choices(random_problem(150, seed=seed, workspace_probability=0.3),
+                                  seed=seed)
+    high = keep_all(problem).predicted_peak
+    model = Relaxation(problem)
+    logic = model._logic_rows()
+    rows = logic.A.toarray()
+    lower, upper = model._bounds(None)
+    for fraction in (0.8, 0.6, 0.45):
+        budget = int(fraction * high)
+        room = budget - model.level
+        chain = model.solve(budget, integral=False).bound
+        memory = model._memory(model._binding(room)).toarray()
+        finite = np.isfinite(logic.ub)
+        per_point = linprog(
+            np.asarray(model.cost),
+            A_ub=np.vstack([memory, rows[finite], -rows[np.isfinite(logic.lb)]]),
+            b_ub=np.concatenate([room[model._binding(room)], logic.ub[finite],
+                                 -logic.lb[np.isfinite(logic.lb)]]),
+            bounds=list(zip(lower, upper)), method="highs")
+        if per_point.status == 2:
+            assert chain == math.inf, fraction
+        else:
+            assert per_point.status == 0
+            assert chain == pytest.approx(per_point.fun + model.offset, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize("choices", [False, True])
