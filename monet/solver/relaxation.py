@@ -213,7 +213,8 @@ def _quiet_highs():
 
 class Relaxation:
     """The relaxation's columns, logic rows and memory terms for one problem, built
-    once; :meth:`solve` adds the memory rows of a budget and solves."""
+    once; :meth:`solve` bounds the memory by a budget (the 0/1 program: a row per binding
+    point; the LP: its chain of load columns, :meth:`_runs`) and solves."""
 
     def __init__(self, problem: Problem, kept_for_variants: bool = True):
         """``kept_for_variants`` False leaves out how long a kept storage lives for a
