@@ -312,8 +312,7 @@ def _least_peak_exact(problem: Problem, start: Candidate, backend: str, time_lim
         return None
     found = _finish(problem, solution.kept, solution.recompute, None, solution.status,
                     backend, variants=solution.variants)
-    return Candidate(found.kept, found.recompute, found.predicted_peak,
-                     found.predicted_overhead, found.variants)
+    return Candidate.of(found)
 
 
 def _left(deadline: float, reserve: float | None = None) -> float:
@@ -421,11 +420,9 @@ def solve(
             raise InfeasibleBudgetError(budget, fallback.budget, lower, searched=searched)
         # The least-peak search stops at the first schedule that fits, whatever its
         # time; the exchange search makes it a better hint for the exact back end.
-        found = Candidate(fallback.kept, fallback.recompute, fallback.predicted_peak,
-                          fallback.predicted_overhead, fallback.variants)
         exchange_until = time.perf_counter() + min(
             EXCHANGE_SHARE * time_limit, FALLBACK_EXCHANGE * _left(deadline))
-        found = exchange(problem, found, budget, exchange_until)
+        found = exchange(problem, Candidate.of(fallback), budget, exchange_until)
         if found.overhead < fallback.predicted_overhead:
             fallback = _from_candidate(problem, found, budget, "heuristic", 0.0)
     # The solver's own bound is weak on large graphs (CP-SAT's relaxation of a

@@ -35,6 +35,12 @@ class Candidate:
     def hint(self) -> tuple:
         return (self.kept, self.recompute, self.variants)
 
+    @classmethod
+    def of(cls, schedule) -> Candidate:
+        """A :class:`~monet.solver.schedule.Schedule`'s choices, peak and time."""
+        return cls(schedule.kept, schedule.recompute, schedule.predicted_peak,
+                   schedule.predicted_overhead, schedule.variants)
+
 
 def variant_seconds(problem: Problem, variants: tuple[int, ...]) -> float:
     """Seconds the chosen alternatives add to the step's own forward and backward."""
@@ -49,10 +55,15 @@ def fastest_variants(problem: Problem) -> tuple[int, ...]:
     """Per choice, the alternative that adds the least time (the captured one on ties)."""
     result = []
     for choice in problem.choices:
-        delta = [sum(o.time - problem.nodes[o.node].time for o in a.overrides)
-                 for a in choice.alternatives]
+        delta = _alternative_seconds(problem, choice)
         result.append(min(range(len(delta)), key=lambda k: (delta[k], k)))
     return tuple(result)
+
+
+def _alternative_seconds(problem: Problem, choice) -> list[float]:
+    """Seconds each alternative of ``choice`` adds to the captured step."""
+    return [sum(o.time - problem.nodes[o.node].time for o in a.overrides)
+            for a in choice.alternatives]
 
 
 def leanest_variants(problem: Problem) -> tuple[int, ...]:
@@ -931,12 +942,6 @@ def _workspace_switches(problem: Problem, variants: tuple[int, ...]) -> list[tup
                     and cached[c][k] >= cached[c][now]):
                 ranked.append((-less, seconds[k] - seconds[now], c, k))
     return [variants[:c] + (k,) + variants[c + 1:] for *_, c, k in sorted(ranked)]
-
-
-def _alternative_seconds(problem: Problem, choice) -> list[float]:
-    """Seconds each alternative of ``choice`` adds to the captured step."""
-    return [sum(o.time - problem.nodes[o.node].time for o in a.overrides)
-            for a in choice.alternatives]
 
 
 def _producers(structure: Structure, owner, kept: set[int], redo: set[int], a: int,

@@ -64,7 +64,6 @@ def improve(problem: Problem, start: Candidate, budget: int, deadline: float,
         schedule = _finish(problem, found.kept, found.recompute, budget, found.status,
                            "cpsat", variants=found.variants)
         if schedule.predicted_peak <= budget and schedule.predicted_overhead < best.overhead:
-            best = Candidate(schedule.kept, schedule.recompute, schedule.predicted_peak,
-                             schedule.predicted_overhead, schedule.variants)
+            best = Candidate.of(schedule)
             stalled = 0
     return best
