@@ -679,12 +679,13 @@ class Relaxation:
     def _binding(self, room: np.ndarray) -> np.ndarray:
         """The points whose memory row can bind with ``room`` bytes free at each: where
         every term at once would not fit, and of each run of points no term starts or
-        ends between (covered by the same terms), only the one with the least room."""
+        ends between (covered by the same terms: :meth:`_runs`), only the one with the
+        least room."""
         binding = np.flatnonzero(self.load > room)
         if not len(binding):
             return binding
-        _, _, lo, hi = self._term_arrays()
-        run = np.searchsorted(np.unique(np.concatenate([lo, hi + 1])), binding, "right")
+        _, starts, _ = self._runs()
+        run = np.searchsorted(starts, binding, "right")
         order = np.lexsort((room[binding], run))
         binding = binding[order][np.r_[True, run[order][1:] != run[order][:-1]]]
         binding.sort()
