@@ -806,12 +806,12 @@ class _Context:
     misses: _NearMisses
 
     @classmethod
-    def of(cls, problem: Problem, variants: tuple[int, ...],
-           misses: _NearMisses | None = None) -> _Context:
+    def of(cls, problem: Problem, variants: tuple[int, ...], misses: _NearMisses
+           ) -> _Context:
         applied = problem.apply(variants)
         structure = analyse(applied)
         return cls(variants, applied, structure, PeakModel(applied, structure),
-                   variant_seconds(problem, variants), misses or _NearMisses())
+                   variant_seconds(problem, variants), misses)
 
     def near_miss(self, guess: Candidate, budget: int) -> Candidate | None:
         """``guess``, which the model puts a little over ``budget``, simulated where that
