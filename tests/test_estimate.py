@@ -96,7 +96,7 @@ def test_exchange_trades_recomputations_within_the_budget(seed):
     assert exchange(problem, start, budget, time.perf_counter() - 1) == start
 
 
-@pytest.mark.parametrize("seed", [6, 7])
+@pytest.mark.parametrize("seed", [2, 6])
 def test_exchange_also_switches_operator_variants(seed):
     from monet.solver.heuristic import Candidate, fastest_variants
     from monet.solver.random_graphs import with_random_choices
