@@ -726,8 +726,9 @@ def exchange(problem: Problem, start: Candidate, budget: int, deadline: float,
         return contexts[variants]
 
     def switched(best: Candidate, c: int, k: int) -> Candidate | None:
-        """``best`` with choice ``c`` running alternative ``k``, refilled and trimmed
-        (None: nothing fits)."""
+        """``best`` with choice ``c`` running alternative ``k``, refilled and trimmed,
+        with its program's seconds (None: nothing fits that the model puts below
+        ``best``'s seconds)."""
         variants = best.variants[:c] + (k,) + best.variants[c + 1:]
         there = context(variants)
         trial = {b for b, _ in best.recompute} & there.structure.recomputable
